@@ -1,0 +1,176 @@
+"""Decode every patch PNG once into one uint8 memmap (N x 50 x 50 x 3), so epochs never touch PNGs again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+IMAGES_FILE = "images.u8"
+SKIPPED_FILE = "skipped.csv"
+
+
+class PatchDecodeError(ValueError):
+    """A patch file that cannot become a patch_size x patch_size RGB array."""
+
+
+@dataclass
+class PatchCache:
+    """The packed pixels plus the manifest rows they belong to (`cache_index` = row in `images`)."""
+
+    images: np.ndarray
+    rows: pd.DataFrame
+    skipped: pd.DataFrame
+    folder: Path
+
+
+def decode_patch(path: Path | str, patch_size: int = 50, pad_value: int = 255) -> np.ndarray:
+    """RGB uint8 patch_size² array; slide-edge patches are padded bottom/right like glass background."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
+    if image is None:
+        raise PatchDecodeError("not a decodable image (corrupt, truncated or empty file)")
+    if image.dtype != np.uint8:
+        image = (image // 257).astype(np.uint8) if image.dtype == np.uint16 else image.astype(np.uint8)
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    elif image.shape[2] == 4:
+        alpha = image[:, :, 3:4].astype(np.float32) / 255.0
+        rgb = cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2RGB).astype(np.float32)
+        image = np.rint(rgb * alpha + pad_value * (1.0 - alpha)).astype(np.uint8)
+    else:
+        image = cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2RGB)
+    height, width = image.shape[:2]
+    if height > patch_size or width > patch_size:
+        raise PatchDecodeError(f"{width}x{height} px is larger than data.patch_size={patch_size}")
+    if (height, width) != (patch_size, patch_size):
+        padded = np.full((patch_size, patch_size, 3), pad_value, dtype=np.uint8)
+        padded[:height, :width] = image
+        image = padded
+    return image
+
+
+def cache_key(manifest: pd.DataFrame, patch_size: int, pad_value: int, stain_norm: str | None) -> str:
+    """Changes whenever a row, the patch geometry or the stain normalisation changes."""
+    digest = hashlib.sha1(pd.util.hash_pandas_object(manifest[["path", "label"]], index=False).values.tobytes())
+    digest.update(f"{patch_size}|{pad_value}|{stain_norm}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _decode_patient(
+    images_path: str,
+    shape: tuple[int, ...],
+    positions: np.ndarray,
+    paths: list[str],
+    patch_size: int,
+    pad_value: int,
+    stain_norm: str | None,
+) -> list[tuple[int, str]]:
+    """Decode one patient's patches into its rows of the memmap; return (position, error) for failures."""
+    cv2.setNumThreads(1)
+    images = np.memmap(images_path, dtype=np.uint8, mode="r+", shape=shape)
+    decoded, kept, failures = [], [], []
+    for position, path in zip(positions, paths, strict=True):
+        try:
+            decoded.append(decode_patch(path, patch_size, pad_value))
+            kept.append(position)
+        except (PatchDecodeError, OSError) as error:
+            failures.append((int(position), str(error)))
+    if decoded:
+        batch = np.stack(decoded)
+        if stain_norm == "macenko":
+            from idc_lightning.data.stain import macenko_normalize
+
+            batch = macenko_normalize(batch)
+        images[np.asarray(kept)] = batch
+    images.flush()
+    return failures
+
+
+def _load(folder: Path) -> PatchCache:
+    meta = json.loads((folder / "meta.json").read_text())
+    images = np.memmap(folder / IMAGES_FILE, dtype=np.uint8, mode="r", shape=tuple(meta["shape"]))
+    rows = pd.read_parquet(folder / "rows.parquet")
+    skipped = pd.read_csv(folder / SKIPPED_FILE, dtype=str, keep_default_na=False)
+    return PatchCache(images=images, rows=rows, skipped=skipped, folder=folder)
+
+
+def cache_folder(cache_dir: Path | str, key: str) -> Path:
+    return Path(cache_dir) / "patches" / key
+
+
+def build_cache(
+    manifest: pd.DataFrame,
+    root: Path | str,
+    cache_dir: Path | str,
+    patch_size: int = 50,
+    pad_value: int = 255,
+    stain_norm: str | None = None,
+    workers: int | None = None,
+) -> PatchCache:
+    """Pack the manifest's patches into a memmap under cache_dir, or reuse the one packed for the same input.
+
+    Undecodable files are listed (path + error) in skipped.csv beside the cache; rows = cached + skipped.
+    """
+    if stain_norm not in (None, "macenko"):
+        raise ValueError(f"data.stain_norm={stain_norm!r} is not supported; use null or macenko")
+    key = cache_key(manifest, patch_size, pad_value, stain_norm)
+    folder = cache_folder(cache_dir, key)
+    if (folder / "meta.json").is_file():
+        log.info("Reusing packed patch cache %s", folder)
+        return _load(folder)
+    started = time.perf_counter()
+    partial = folder.with_name(f"{key}.partial-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    shape = (len(manifest), patch_size, patch_size, 3)
+    np.memmap(partial / IMAGES_FILE, dtype=np.uint8, mode="w+", shape=shape).flush()
+    root = Path(root)
+    tasks = [
+        (str(partial / IMAGES_FILE), shape, group.index.to_numpy(), [str(root / p) for p in group["path"]])
+        for _, group in manifest.reset_index(drop=True).groupby("patient_id", sort=False)
+    ]
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    failures: list[tuple[int, str]] = []
+    if workers <= 1 or len(manifest) < 500:
+        for task in tasks:
+            failures += _decode_patient(*task, patch_size, pad_value, stain_norm)
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_decode_patient, *task, patch_size, pad_value, stain_norm) for task in tasks]
+            for future in futures:
+                failures += future.result()
+    failed = dict(failures)
+    rows = manifest.reset_index(drop=True).assign(cache_index=np.arange(len(manifest), dtype=np.int64))
+    skipped = pd.DataFrame(
+        {"path": [rows.at[i, "path"] for i in failed], "reason": list(failed.values())}, columns=["path", "reason"]
+    )
+    rows = rows.drop(index=list(failed)).reset_index(drop=True)
+    rows.to_parquet(partial / "rows.parquet", index=False)
+    skipped.to_csv(partial / SKIPPED_FILE, index=False)
+    meta = {"shape": list(shape), "patch_size": patch_size, "pad_value": pad_value, "stain_norm": stain_norm,
+            "cached": len(rows), "skipped": len(skipped), "seconds": round(time.perf_counter() - started, 2)}
+    (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+    if folder.exists():
+        shutil.rmtree(partial)
+    else:
+        partial.rename(folder)
+    log.info("Packed %d patches into %s in %.1f s", len(rows), folder, meta["seconds"])
+    if len(skipped):
+        log.warning(
+            "Skipped %d undecodable patch files (listed in %s), e.g. %s: %s",
+            len(skipped), folder / SKIPPED_FILE, skipped.at[0, "path"], skipped.at[0, "reason"],
+        )
+    return _load(folder)

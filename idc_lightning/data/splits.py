@@ -1,0 +1,154 @@
+"""Patient-level train/val/test splits: patches of one patient are correlated, so a patch-level split leaks."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class SplitError(ValueError):
+    """The patients on disk cannot fill the requested splits."""
+
+
+def patient_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Patches and IDC fraction per patient: the unit that is split."""
+    table = manifest.groupby("patient_id")["label"].agg(patches="size", positives="sum")
+    table["idc_fraction"] = table["positives"] / table["patches"]
+    return table
+
+
+def _exact_counts(n: int, fractions: dict[str, float]) -> dict[str, int]:
+    """Largest-remainder rounding of n * fraction, with at least one patient per split."""
+    total = sum(fractions.values())
+    raw = {name: n * frac / total for name, frac in fractions.items()}
+    counts = {name: max(1, math.floor(value)) for name, value in raw.items()}
+    by_remainder = sorted(raw, key=lambda name: raw[name] - math.floor(raw[name]), reverse=True)
+    for name in by_remainder[: max(0, n - sum(counts.values()))]:
+        counts[name] += 1
+    while sum(counts.values()) > n:
+        counts[max(counts, key=counts.get)] -= 1
+    return counts
+
+
+def stratified_assign(idc_fraction: pd.Series, fractions: dict[str, float], seed: int) -> pd.Series:
+    """Assign patients to groups so every group spans the whole range of IDC fractions.
+
+    Patients are ordered by IDC fraction, shuffled within small blocks (the seed's only effect), then dealt
+    out like Bresenham's line: each next patient goes to the group furthest below its share so far.
+    """
+    n = len(idc_fraction)
+    if n < len(fractions):
+        raise SplitError(
+            f"{n} patients cannot fill {len(fractions)} groups ({', '.join(fractions)}): "
+            f"add patients or reduce the number of folds"
+        )
+    counts = _exact_counts(n, fractions)
+    rng = np.random.default_rng(seed)
+    order = idc_fraction.sample(frac=1.0, random_state=rng).sort_values(kind="stable").index.to_numpy()
+    block = max(1, math.ceil(n / min(counts.values())))
+    for start in range(0, n, block):
+        rng.shuffle(order[start : start + block])
+    assigned = dict.fromkeys(counts, 0)
+    groups = []
+    for position in range(1, n + 1):
+        name = max(counts, key=lambda g: counts[g] * position / n - assigned[g])
+        assigned[name] += 1
+        groups.append(name)
+    return pd.Series(groups, index=order, name="split").sort_index()
+
+
+def split_patients(
+    manifest: pd.DataFrame,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    num_folds: int | None = None,
+    fold: int = 0,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Held-out test patients fixed by the seed; val is val_fraction of all, or fold `fold` of `num_folds`.
+
+    With folds, the test patients stay the same for every fold and the remaining patients rotate through
+    validation, so `-m data.fold=0,1,2,3,4` is a cross-validation sweep with a common test set.
+    """
+    patients = patient_table(manifest)
+    needed = 1 + (num_folds if num_folds else 2)
+    if len(patients) < needed:
+        raise SplitError(
+            f"{len(patients)} patients cannot fill a patient-level split: at least {needed} are needed "
+            f"(test, {'each of ' + str(num_folds) + ' folds' if num_folds else 'val and train'}); "
+            f"add patients or reduce data.num_folds"
+        )
+    held_out = stratified_assign(
+        patients["idc_fraction"], {"test": test_fraction, "rest": 1.0 - test_fraction}, seed
+    )
+    rest = patients.loc[held_out.index[held_out == "rest"], "idc_fraction"]
+    if num_folds is None:
+        inner = {"val": val_fraction, "train": 1.0 - val_fraction - test_fraction}
+        development = stratified_assign(rest, inner, seed + 1)
+    else:
+        if not 0 <= fold < num_folds:
+            raise SplitError(f"data.fold={fold} is outside 0..{num_folds - 1} (data.num_folds={num_folds})")
+        folds = stratified_assign(rest, {f"fold{k}": 1.0 for k in range(num_folds)}, seed + 1)
+        development = folds.map(lambda name: "val" if name == f"fold{fold}" else "train")
+    split = pd.concat([held_out[held_out == "test"], development]).sort_index()
+    return split.rename_axis("patient_id").reset_index()
+
+
+def read_split_file(path: Path | str, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Reuse a saved split (e.g. a paper's); patients on disk but not in the file are left out, loudly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.split_file={path} does not exist; give a CSV with columns patient_id,split")
+    split = pd.read_csv(path, dtype={"patient_id": str, "split": str})
+    if list(split.columns[:2]) != ["patient_id", "split"]:
+        raise SplitError(f"{path}: expected columns 'patient_id,split', found {list(split.columns)}")
+    unknown = sorted(set(split["split"]) - set(SPLITS))
+    if unknown:
+        raise SplitError(f"{path}: unknown split names {unknown}; use {list(SPLITS)}")
+    on_disk = set(manifest["patient_id"])
+    missing = sorted(set(split["patient_id"]) - on_disk)
+    if missing:
+        raise SplitError(f"{path}: patients {missing[:10]} (of {len(missing)}) are not under data.root")
+    unlisted = sorted(on_disk - set(split["patient_id"]))
+    if unlisted:
+        log.warning("%s leaves out %d patients found on disk, not used: %s", path, len(unlisted), unlisted[:20])
+    return split[["patient_id", "split"]]
+
+
+def split_summary(manifest: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
+    """Patients, patches and IDC % per split, in the order train, val, test."""
+    joined = manifest.merge(split, on="patient_id")
+    summary = joined.groupby("split").agg(
+        patients=("patient_id", "nunique"), patches=("label", "size"), positives=("label", "sum")
+    )
+    summary = summary.reindex(list(SPLITS), fill_value=0)
+    summary["idc_pct"] = 100.0 * summary["positives"] / summary["patches"].clip(lower=1)
+    return summary
+
+
+def check_split(summary: pd.DataFrame) -> list[str]:
+    """Empty splits are errors; single-class splits are warnings (AUROC undefined there, not a crash)."""
+    empty = [name for name in ("train", "test") if summary.loc[name, "patches"] == 0]
+    if empty:
+        raise SplitError(f"split(s) {empty} have no patches; check data.split_file or the patient count")
+    warnings = []
+    for name, row in summary.iterrows():
+        if row["patches"] == 0:
+            warnings.append(f"split '{name}' is empty")
+        elif row["positives"] in (0, row["patches"]):
+            kind = "IDC-positive" if row["positives"] == 0 else "IDC-negative"
+            warnings.append(
+                f"split '{name}' has no {kind} patch ({row['patches']} patches of {row['patients']} patients): "
+                f"AUROC is undefined there and is reported as NaN"
+            )
+    for warning in warnings:
+        log.warning(warning)
+    return warnings

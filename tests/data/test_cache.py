@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from idc_lightning.data.cache import build_cache, decode_patch
+from idc_lightning.data.manifest import scan_tree
+
+
+def write(path: Path, image: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
+@pytest.fixture
+def odd_tree(tmp_path: Path) -> Path:
+    """One patient with every oddity of the real download: RGBA, grey, edge-sized, corrupt, truncated."""
+    root = tmp_path / "root"
+    rgb = np.zeros((50, 50, 3), np.uint8)
+    rgb[..., 0] = 200
+    write(root / "9000/0/9000_idx5_x1_y1_class0.png", rgb)
+    rgba = np.dstack([rgb, np.full((50, 50), 255, np.uint8)])
+    write(root / "9000/0/9000_idx5_x51_y1_class0.png", rgba)
+    write(root / "9000/1/9000_idx5_x101_y1_class1.png", np.full((50, 50), 90, np.uint8))
+    write(root / "9000/1/9000_idx5_x151_y1_class1.png", rgb[:35, :50])
+    (root / "9000/1/9000_idx5_x201_y1_class1.png").write_bytes(b"not a png at all")
+    good = root / "9000/0/9000_idx5_x1_y1_class0.png"
+    (root / "9000/0/9000_idx5_x251_y1_class0.png").write_bytes(good.read_bytes()[:40])
+    return root
+
+
+def test_decode_normalises_modes_and_pads_edges(odd_tree: Path) -> None:
+    rgba = decode_patch(odd_tree / "9000/0/9000_idx5_x51_y1_class0.png")
+    assert rgba.shape == (50, 50, 3) and tuple(rgba[0, 0]) == (200, 0, 0)
+    grey = decode_patch(odd_tree / "9000/1/9000_idx5_x101_y1_class1.png")
+    assert tuple(grey[10, 10]) == (90, 90, 90)
+    edge = decode_patch(odd_tree / "9000/1/9000_idx5_x151_y1_class1.png", pad_value=255)
+    assert tuple(edge[34, 0]) == (200, 0, 0) and tuple(edge[35, 0]) == (255, 255, 255)
+
+
+def test_cache_keeps_every_row_as_cached_or_skipped(odd_tree: Path, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    manifest, _ = scan_tree(odd_tree)
+    cache = build_cache(manifest, odd_tree, tmp_path / "cache", workers=1)
+    assert len(cache.rows) + len(cache.skipped) == len(manifest) == 6
+    assert sorted(Path(p).name for p in cache.skipped.path) == [
+        "9000_idx5_x201_y1_class1.png", "9000_idx5_x251_y1_class0.png"]
+    assert (cache.folder / "skipped.csv").is_file() and "Skipped 2" in caplog.text
+    first = cache.rows.set_index("x").loc[1, "cache_index"]
+    assert tuple(cache.images[first][0, 0]) == (200, 0, 0)
+    reused = build_cache(manifest, odd_tree, tmp_path / "cache", workers=1)
+    assert reused.folder == cache.folder and reused.rows.equals(cache.rows)
+
+
+def test_cache_key_follows_stain_normalisation(odd_tree: Path, tmp_path: Path) -> None:
+    manifest, _ = scan_tree(odd_tree)
+    plain = build_cache(manifest, odd_tree, tmp_path / "cache", workers=1)
+    stained = build_cache(manifest, odd_tree, tmp_path / "cache", stain_norm="macenko", workers=1)
+    assert plain.folder != stained.folder
+    with pytest.raises(ValueError, match="stain_norm"):
+        build_cache(manifest, odd_tree, tmp_path / "cache", stain_norm="reinhard")
+
+
+def test_parallel_build_matches_serial_on_real_patches(real_data: Path, tmp_path: Path) -> None:
+    manifest, _ = scan_tree(real_data)
+    manifest = manifest[manifest.patient_id.isin(["8864", "9035"])].reset_index(drop=True)
+    serial = build_cache(manifest, real_data, tmp_path / "a", workers=1)
+    parallel = build_cache(manifest, real_data, tmp_path / "b", workers=2)
+    assert np.array_equal(np.asarray(serial.images), np.asarray(parallel.images))
+    assert len(serial.skipped) == 0
+    path = real_data / manifest.path[0]
+    expected = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    h, w = expected.shape[:2]
+    assert np.array_equal(serial.images[0][:h, :w], expected)

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from idc_lightning.data.manifest import DatasetNotFoundError, build_manifest, scan_tree
+
+
+def write_patch(root: Path, pid: str, x: int, y: int, label: int, folder: str | None = None,
+                size: tuple[int, int] = (50, 50)) -> Path:
+    path = root / pid / (folder if folder is not None else str(label)) / f"{pid}_idx5_x{x}_y{y}_class{label}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full((*size, 3), 180 + label * 40, np.uint8))
+    return path
+
+
+def test_parses_names_at_any_depth_and_merges_the_duplicated_tree(tmp_path: Path) -> None:
+    for root in (tmp_path, tmp_path / "IDC_regular_ps50_idx5"):
+        write_patch(root, "10253", 1, 1, 0)
+        write_patch(root, "10253", 501, 101, 1)
+        write_patch(root, "8863", 51, 1, 0)
+    frame, report = scan_tree(tmp_path)
+    assert len(frame) == 3 and report.duplicates == 3 and report.files_seen == 6
+    assert report.patients == 2
+    row = frame[(frame.patient_id == "10253") & (frame.label == 1)].iloc[0]
+    assert (row.x, row.y) == (501, 101)
+    assert row.path == "10253/1/10253_idx5_x501_y101_class1.png"  # the shallower copy wins
+    assert list(frame.columns) == ["patient_id", "x", "y", "label", "path"]
+
+
+def test_junk_is_counted_and_class_mismatch_is_skipped_with_a_reason(tmp_path: Path) -> None:
+    write_patch(tmp_path, "9000", 1, 1, 1)
+    write_patch(tmp_path, "9000", 51, 1, 1, folder="0")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "9000" / "notes.txt").write_text("slide scanned twice")
+    frame, report = scan_tree(tmp_path)
+    assert len(frame) == 1
+    assert sorted(report.ignored) == [".DS_Store", "9000/notes.txt"]
+    assert report.skipped[0]["path"].endswith("x51_y1_class1.png")
+    assert "folder '0'" in report.skipped[0]["reason"]
+
+
+def test_missing_and_empty_roots_name_the_path_and_the_way_out(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match="paultimothymooney/breast-histopathology-images") as missing:
+        build_manifest(tmp_path / "nope")
+    assert str(tmp_path / "nope") in str(missing.value) and "data=synthetic" in str(missing.value)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("x")
+    with pytest.raises(DatasetNotFoundError, match="no IDC patch files"):
+        build_manifest(tmp_path / "empty")
+
+
+def test_manifest_is_cached_and_rebuilt_when_the_tree_changes(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    write_patch(root, "9000", 1, 1, 0)
+    first, _ = build_manifest(root, tmp_path / "cache")
+    assert len(list((tmp_path / "cache" / "manifests").iterdir())) == 1
+    again, _ = build_manifest(root, tmp_path / "cache")
+    assert again.equals(first)
+    write_patch(root, "9000", 51, 1, 1)
+    changed, report = build_manifest(root, tmp_path / "cache")
+    assert len(changed) == 2 and report.patches == 2
+
+
+def test_real_sample_indexes_every_patch(real_data: Path) -> None:
+    frame, report = scan_tree(real_data)
+    assert len(frame) == 8610 and report.patients == 13
+    assert frame.label.sum() == 2624
+    assert report.ignored == ["README.md"] and not report.skipped
