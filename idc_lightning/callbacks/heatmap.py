@@ -1,0 +1,109 @@
+"""Write and log per-patient IDC heatmaps after testing (and, optionally, every few validation epochs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from PIL import Image
+
+from idc_lightning.heatmap import write_patient_heatmaps
+
+log = logging.getLogger(__name__)
+
+
+class HeatmapCallback(L.Callback):
+    """Thin shell over `heatmap.write_patient_heatmaps`: picks patients, writes files on rank 0, logs images.
+
+    Reads `pl_module.test_predictions` / `val_predictions` (gathered from all ranks) in `on_test_end` /
+    `on_validation_end`, because callback hooks run before the module's `*_epoch_end` that fills them.
+    Pixels and ground truth come from the datamodule's optional `patches()` and `truth_for()`.
+    """
+
+    def __init__(
+        self,
+        max_patients: int | None = 20,
+        every_n_val_epochs: int = 0,
+        val_patients: int = 2,
+        threshold: float = 0.5,
+        dirname: str = "heatmaps",
+    ) -> None:
+        super().__init__()
+        self.max_patients = max_patients
+        self.every_n_val_epochs = every_n_val_epochs
+        self.val_patients = val_patients
+        self.threshold = threshold
+        self.dirname = dirname
+        self.patient_table: pd.DataFrame | None = None
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        predictions = self._predictions(trainer, pl_module, "test_predictions")
+        if predictions is None:
+            return
+        out_dir = Path(trainer.default_root_dir) / self.dirname
+        table = self._write(trainer, predictions, out_dir, self.max_patients)
+        table.to_csv(out_dir / "heatmaps.csv", index=False)
+        self.patient_table = table
+        self._log(trainer, table, key="heatmaps", dice_key="test/heatmap_dice")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_val_epochs <= 0 or trainer.sanity_checking:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_val_epochs:
+            return
+        predictions = self._predictions(trainer, pl_module, "val_predictions")
+        if predictions is None:
+            return
+        # The same first patients every time, so epochs can be compared side by side.
+        keep = sorted(predictions["patient_id"].astype(str).unique())[: self.val_patients]
+        predictions = predictions[predictions["patient_id"].astype(str).isin(keep)]
+        out_dir = Path(trainer.default_root_dir) / self.dirname / "val" / f"epoch_{trainer.current_epoch}"
+        table = self._write(trainer, predictions, out_dir, limit=None)
+        self._log(trainer, table, key="val/heatmaps", dice_key="val/heatmap_dice")
+
+    @staticmethod
+    def _predictions(trainer: L.Trainer, pl_module: L.LightningModule, attribute: str) -> pd.DataFrame | None:
+        """The module's gathered predictions on rank 0; None elsewhere or when there is nothing to draw."""
+        if not trainer.is_global_zero:
+            return None
+        predictions = getattr(pl_module, attribute, None)
+        if predictions is None or len(predictions) == 0:
+            module = type(pl_module).__name__
+            log.warning("No heatmaps: %s.%s is missing or empty (set it in *_epoch_end)", module, attribute)
+            return None
+        return predictions
+
+    def _write(self, trainer: L.Trainer, predictions: pd.DataFrame, out_dir: Path, limit: int | None) -> pd.DataFrame:
+        datamodule = getattr(trainer, "datamodule", None)
+        table = write_patient_heatmaps(
+            predictions,
+            patches=getattr(datamodule, "patches", None),
+            out_dir=out_dir,
+            limit=limit,
+            threshold=self.threshold,
+            truth=getattr(datamodule, "truth_for", None),
+        )
+        log.info("Wrote %d patient heatmaps to %s", len(table), out_dir)
+        return table
+
+    @staticmethod
+    def _log(trainer: L.Trainer, table: pd.DataFrame, key: str, dice_key: str) -> None:
+        """Images to every logger that takes them; mean Dice only when some patient had ground truth."""
+        if table.empty:
+            return
+        step = trainer.global_step
+        patient_ids, pngs = table["patient_id"].tolist(), table["png"].tolist()
+        dice = table["dice"].dropna()
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=key, images=pngs, caption=patient_ids, step=step)
+            elif isinstance(logger, TensorBoardLogger):
+                for patient_id, png in zip(patient_ids, pngs, strict=True):
+                    image = np.asarray(Image.open(png).convert("RGB"))
+                    logger.experiment.add_image(f"{key}/{patient_id}", image, step, dataformats="HWC")
+            if len(dice):
+                logger.log_metrics({dice_key: float(dice.mean())}, step=step)
