@@ -1,0 +1,100 @@
+"""`data.loader: gpu_resident`: keep the whole packed cache on the device and index batches there.
+
+50x50x3 uint8 patches are 7.5 kB each, so even the full set (~2.1 GB) fits on one GPU; batches are then a
+single gather with no workers, pinned memory or host-to-device copies. Indices are drawn on the CPU from a
+generator seeded with (seed, epoch), so every rank computes the same epoch order without communicating.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import psutil
+import torch
+
+
+class ResidentBatches:
+    """Iterable of {"image": uint8 [B,H,W,3], "label": int64 [B], "index": int64 [B]} batches.
+
+    `index` is the row position within this split. Each rank takes every `world_size`-th element of the
+    epoch's order, padded by wrapping (like DistributedSampler) so all ranks run the same number of batches.
+    `balanced` draws N patches with replacement, every class equally likely (instead of a permutation).
+    Each `__iter__` starts the next epoch unless `set_epoch` was called since the last one: Lightning only
+    calls `set_epoch` on samplers, which this is not.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        balanced: bool = False,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if len(images) == 0 or len(images) != len(labels):
+            raise ValueError(f"need as many labels as patches (> 0), got {len(images)} and {len(labels)}")
+        if images.device != labels.device:
+            raise ValueError(f"images on {images.device} but labels on {labels.device}: copy both to one device")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.images = images
+        self.labels = labels.long()
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.balanced = balanced
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self._next_epoch = 0
+        if balanced:
+            host_labels = self.labels.cpu()
+            self._sample_weights = 1.0 / torch.bincount(host_labels)[host_labels].double()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._next_epoch = epoch
+
+    def _shard_size(self) -> int:
+        return math.ceil(len(self.labels) / self.world_size)
+
+    def __len__(self) -> int:
+        rounding = math.floor if self.drop_last else math.ceil
+        return rounding(self._shard_size() / self.batch_size)
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        n = len(self.labels)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        if self.balanced:
+            return torch.multinomial(self._sample_weights, n, replacement=True, generator=generator)
+        if self.shuffle:
+            return torch.randperm(n, generator=generator)
+        return torch.arange(n)
+
+    def _shard(self, order: torch.Tensor) -> torch.Tensor:
+        padded_size = self._shard_size() * self.world_size
+        padded = order.repeat(math.ceil(padded_size / len(order)))[:padded_size]
+        return padded[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # Advance the epoch here, not inside the generator, which would run only at the first next().
+        epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        return self._batches(self._shard(self._epoch_order(epoch)).to(self.images.device))
+
+    def _batches(self, shard: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in range(len(self)):
+            index = shard[batch * self.batch_size : (batch + 1) * self.batch_size]
+            yield {"image": self.images[index], "label": self.labels[index], "index": index}
+
+
+def fits_on_device(nbytes: int, device: torch.device, headroom: float = 0.8) -> bool:
+    """Whether `nbytes` fits in `headroom` of the device's free memory (host RAM for CPU and MPS)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = psutil.virtual_memory().available
+    return nbytes <= headroom * free

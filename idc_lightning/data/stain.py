@@ -1,0 +1,153 @@
+"""H&E colour spaces: batched torch helpers for augmentation and Macenko normalisation for the cache.
+
+Colour deconvolution (Ruifrok & Johnston, 2001) models a brightfield pixel by Beer-Lambert: optical
+density OD = -ln(I / I0) is a non-negative mix of one fixed OD vector per stain. Stain concentrations are
+one 3x3 matrix product away from OD, which makes stain jitter cheap enough to run on whole GPU batches.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Rows: haematoxylin, eosin, DAB OD vectors (Ruifrok & Johnston 2001, as in ImageJ's Colour Deconvolution;
+# skimage rounds them). DAB is absent in H&E: it is the residual channel that keeps the map invertible.
+_RGB_FROM_HED = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105], [0.268, 0.570, 0.776]])
+RGB_FROM_HED = _RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+
+# The darkest intensity a uint8 image can record: keeps black pixels at a finite OD (ln 255 ~ 5.5).
+MIN_INTENSITY = 1.0 / 255.0
+
+_MATRICES = {"rgb_from_hed": RGB_FROM_HED, "hed_from_rgb": HED_FROM_RGB}
+
+
+@functools.cache
+def _matrix(name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Copied once per device: a blocking host-to-GPU copy in every batch would stall the GPU queue.
+    return torch.as_tensor(_MATRICES[name], dtype=dtype, device=device)
+
+
+def _channel_matmul(images: torch.Tensor, matrix_name: str, dim: int) -> torch.Tensor:
+    weights = _matrix(matrix_name, images.device, images.dtype)
+    return (images.movedim(dim, -1) @ weights).movedim(-1, dim)
+
+
+def rgb_to_od(rgb: torch.Tensor) -> torch.Tensor:
+    """Optical density of float RGB in [0, 1] (any layout): OD = -ln(I), with I0 = 1 (white glass)."""
+    return -torch.log(rgb.clamp_min(MIN_INTENSITY))
+
+
+def od_to_rgb(od: torch.Tensor) -> torch.Tensor:
+    """Inverse of `rgb_to_od` (not clipped: negative densities give values above 1)."""
+    return torch.exp(-od)
+
+
+def rgb_to_hed(rgb: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Stain concentrations (H, E, DAB, in OD units) of float RGB in [0, 1]; `dim` is the channel axis
+    (1 for [B,3,H,W], -1 for [B,H,W,3])."""
+    return _channel_matmul(rgb_to_od(rgb), "hed_from_rgb", dim)
+
+
+def hed_to_rgb(hed: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Float RGB from stain concentrations; the exact inverse of `rgb_to_hed` for intensities >= 1/255."""
+    return od_to_rgb(_channel_matmul(hed, "rgb_from_hed", dim))
+
+
+def hed_jitter(rgb: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Tellez et al. (2018) stain jitter: each stain concentration becomes alpha * c + beta, per image.
+
+    rgb: float [B,3,H,W] (or channels at `dim`) in [0, 1]; alpha, beta: [B, 3], one value per stain channel.
+    beta is in OD units, like albumentations' HEStain; skimage-based implementations divide OD by
+    ln(1e6) ~ 13.8 first, so their sigma is not comparable. Returns float RGB clipped to [0, 1].
+    """
+    shape = [1] * rgb.dim()
+    shape[0], shape[dim] = rgb.shape[0], 3
+    hed = rgb_to_hed(rgb, dim) * alpha.view(shape) + beta.view(shape)
+    return hed_to_rgb(hed, dim).clamp(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class StainReference:
+    """Target H&E appearance: unit OD vectors (rows H, E) and the 99th-percentile concentration of each."""
+
+    stain_vectors: np.ndarray
+    max_concentrations: np.ndarray
+
+
+# The reference of Macenko's original implementation, the de facto standard target.
+MACENKO_REFERENCE = StainReference(
+    stain_vectors=np.array([[0.5626, 0.7201, 0.4062], [0.2159, 0.8012, 0.5581]]),
+    max_concentrations=np.array([1.9705, 1.0308]),
+)
+
+# Macenko et al. (2009) constants: transmitted light intensity, OD threshold for tissue, angle percentile.
+_BACKGROUND_INTENSITY = 240.0
+_TISSUE_OD = 0.15
+_ANGLE_PERCENTILE = 1.0
+# Fewer tissue pixels than this (about one patch's worth) cannot give a stable stain estimate.
+_MIN_TISSUE_PIXELS = 2500
+
+
+def _optical_density(patches: np.ndarray) -> np.ndarray:
+    pixels = patches.reshape(-1, 3).astype(np.float32)
+    return -np.log((pixels + 1.0) / _BACKGROUND_INTENSITY)
+
+
+def _tissue(od: np.ndarray) -> np.ndarray:
+    return od[(od >= _TISSUE_OD).all(axis=1)]
+
+
+def _stain_vectors(tissue_od: np.ndarray) -> np.ndarray:
+    """Macenko: the two extreme angles of tissue OD in the plane of its two main principal axes."""
+    _, eigenvectors = np.linalg.eigh(np.cov(tissue_od, rowvar=False))
+    plane = eigenvectors[:, [2, 1]]  # eigh sorts ascending: the two largest components
+    # OD is non-negative, so orient the first axis along the tissue and measure angles from it.
+    plane[:, 0] *= np.sign(plane[:, 0].sum())
+    coords = tissue_od @ plane
+    angles = np.arctan2(coords[:, 1], coords[:, 0])
+    low, high = np.percentile(angles, [_ANGLE_PERCENTILE, 100.0 - _ANGLE_PERCENTILE])
+    vectors = np.stack([plane @ [np.cos(a), np.sin(a)] for a in (low, high)])
+    vectors *= np.sign(vectors.sum(axis=1, keepdims=True))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    # Haematoxylin absorbs more red than eosin does.
+    return vectors if vectors[0, 0] > vectors[1, 0] else vectors[::-1]
+
+
+def _concentrations(od: np.ndarray, stain_vectors: np.ndarray) -> np.ndarray:
+    """Least-squares stain amounts per pixel; one pseudo-inverse for millions of pixels."""
+    return od @ np.linalg.pinv(stain_vectors).astype(od.dtype)
+
+
+def estimate_stains(patches: np.ndarray) -> StainReference | None:
+    """Macenko stain vectors and max concentrations over all tissue pixels of `patches` (uint8 [..., 3]).
+
+    Returns None when there is too little tissue to estimate from (e.g. a background-only patient).
+    """
+    tissue_od = _tissue(_optical_density(patches))
+    if len(tissue_od) < _MIN_TISSUE_PIXELS:
+        return None
+    vectors = _stain_vectors(tissue_od)
+    max_conc = np.percentile(_concentrations(tissue_od, vectors), 99, axis=0)
+    if np.any(max_conc <= 0):
+        return None
+    return StainReference(stain_vectors=vectors, max_concentrations=max_conc)
+
+
+def macenko_normalize(patches: np.ndarray, reference: StainReference = MACENKO_REFERENCE) -> np.ndarray:
+    """Map one patient's patches (uint8 [N,H,W,3]) to the reference stain appearance.
+
+    Stains are estimated over the whole patient at once: a single 50x50 patch is often nearly all one stain,
+    which makes per-patch estimates unstable. Input without enough tissue is returned unchanged.
+    """
+    source = estimate_stains(patches)
+    if source is None:
+        return patches
+    od = _optical_density(patches)
+    conc = _concentrations(od, source.stain_vectors)
+    conc *= reference.max_concentrations / source.max_concentrations
+    rgb = _BACKGROUND_INTENSITY * np.exp(-conc @ reference.stain_vectors) - 1.0
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(patches.shape)
