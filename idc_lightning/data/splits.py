@@ -140,13 +140,13 @@ def check_split(summary: pd.DataFrame) -> list[str]:
     if empty:
         raise SplitError(f"split(s) {empty} have no patches; check data.split_file or the patient count")
     warnings = []
-    for name, row in summary.iterrows():
-        if row["patches"] == 0:
-            warnings.append(f"split '{name}' is empty")
-        elif row["positives"] in (0, row["patches"]):
-            kind = "IDC-positive" if row["positives"] == 0 else "IDC-negative"
+    for row in summary.itertuples():
+        if row.patches == 0:
+            warnings.append(f"split '{row.Index}' is empty")
+        elif row.positives in (0, row.patches):
+            kind = "IDC-positive" if row.positives == 0 else "IDC-negative"
             warnings.append(
-                f"split '{name}' has no {kind} patch ({row['patches']} patches of {row['patients']} patients): "
+                f"split '{row.Index}' has no {kind} patch ({row.patches} patches of {row.patients} patients): "
                 f"AUROC is undefined there and is reported as NaN"
             )
     for warning in warnings:

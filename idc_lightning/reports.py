@@ -1,0 +1,77 @@
+"""The files a researcher reads after a run: results.json, predictions, per-patient table, curves."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc  # noqa: E402
+
+from idc_lightning.metrics import has_both_classes, patient_metrics  # noqa: E402
+
+
+def _json_number(value: float) -> float | None:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_results(path: Path, metrics: dict[str, float]) -> Path:
+    """Flat dict under the logged names; NaN (undefined) becomes null so every JSON reader accepts it."""
+    path.write_text(json.dumps({k: _json_number(float(v)) for k, v in sorted(metrics.items())}, indent=1))
+    return path
+
+
+def write_curves(output_dir: Path, predictions: pd.DataFrame, threshold: float) -> list[Path]:
+    """ROC, precision-recall and confusion-matrix PNGs of the test patches."""
+    probs = torch.as_tensor(predictions["prob"].to_numpy())
+    labels = torch.as_tensor(predictions["label"].to_numpy()).long()
+    paths = []
+    if has_both_classes(labels):
+        fpr, tpr, _ = binary_roc(probs, labels)
+        precision, recall, _ = binary_precision_recall_curve(probs, labels)
+        for name, (xs, ys, xlabel, ylabel) in {
+            "roc": (fpr, tpr, "false positive rate", "true positive rate"),
+            "pr": (recall, precision, "recall", "precision"),
+        }.items():
+            figure, axis = plt.subplots(figsize=(4.5, 4.5))
+            axis.plot(xs.numpy(), ys.numpy())
+            axis.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02), title=f"test {name.upper()}")
+            axis.grid(alpha=0.3)
+            paths.append(output_dir / f"{name}_curve.png")
+            figure.savefig(paths[-1], dpi=120, bbox_inches="tight")
+            plt.close(figure)
+    predicted = (probs >= threshold).long()
+    matrix = np.array([[int(((labels == t) & (predicted == p)).sum()) for p in (0, 1)] for t in (0, 1)])
+    figure, axis = plt.subplots(figsize=(4, 3.6))
+    axis.imshow(matrix, cmap="Blues")
+    for (row, col), count in np.ndenumerate(matrix):
+        axis.text(col, row, f"{count:,}", ha="center", va="center",
+                  color="white" if count > matrix.max() / 2 else "black")
+    axis.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["non-IDC", "IDC"], yticklabels=["non-IDC", "IDC"],
+             xlabel="predicted", ylabel="true", title=f"test, threshold {threshold:.2f}")
+    paths.append(output_dir / "confusion_matrix.png")
+    figure.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return paths
+
+
+def write_test_report(output_dir: Path, predictions: pd.DataFrame, metrics: dict[str, float],
+                      threshold: float = 0.5) -> dict[str, float]:
+    """predictions.parquet, patients.csv (+ the patient mean in the metrics), results.json and curves."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    predictions[["patient_id", "x", "y", "label", "prob"]].to_parquet(output_dir / "predictions.parquet", index=False)
+    patients = patient_metrics(predictions, threshold=0.5)
+    patients.to_csv(output_dir / "patients.csv", index=False)
+    metrics = dict(metrics)
+    for column in ("auroc", "f1", "bal_acc"):
+        metrics[f"test/patient_mean_{column}"] = float(patients[column].mean(skipna=True))
+    write_results(output_dir / "results.json", metrics)
+    write_curves(output_dir, predictions, threshold)
+    return metrics

@@ -1,0 +1,66 @@
+"""python -m idc_lightning.train [+experiment=NAME] [overrides]: fit, test the best checkpoint, write the run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from idc_lightning.builders import build_run, log_config, print_config_tree, wandb_sync_hints
+from idc_lightning.reports import write_results, write_test_report
+
+log = logging.getLogger(__name__)
+
+
+def _resume_path(cfg: DictConfig) -> str | None:
+    """`last` means this run folder's checkpoints/last.ckpt (rerun with the same hydra.run.dir)."""
+    if cfg.ckpt_path in (None, "last"):
+        return cfg.ckpt_path
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path} does not exist; give a checkpoint file or ckpt_path=last")
+    return str(path)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    run = build_run(cfg)
+    trainer = run.trainer
+    if trainer.is_global_zero and cfg.extras.print_config:
+        print_config_tree(cfg)
+    log_config(run, cfg)
+    metrics: dict[str, float] = {}
+    if cfg.train:
+        trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=_resume_path(cfg))
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    if cfg.test:
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint is not None and cfg.train else ""
+        if not best:
+            log.warning("No best checkpoint (fast_dev_run or checkpointing off): testing the current weights")
+        trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best or None, weights_only=True)
+        metrics.update(run.model.test_metrics)
+    output_dir = Path(cfg.paths.output_dir)
+    if trainer.is_global_zero:
+        if cfg.test:
+            metrics = write_test_report(output_dir, run.model.test_predictions, metrics,
+                                        float(run.model.val_threshold))
+        else:
+            write_results(output_dir / "results.json", metrics)
+        log.info("Run folder: %s", output_dir)
+        for hint in wandb_sync_hints(run):
+            log.info("W&B ran offline; upload with: %s", hint)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny generated slides once per test run, Hydra configs composed for tmp folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict, read_write
+
+from idc_lightning.data.synthetic import SyntheticSlides
+from idc_lightning.resolvers import register_resolvers
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+REAL_DATA = REPO.parent / "shared" / "data" / "idc_real"
+TINY = {"num_patients": 12, "seed": 0, "grid_min": 6, "grid_max": 8}
+
+register_resolvers()
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """paths.data_dir holding the tiny synthetic set under the folder name data=synthetic expects."""
+    data_dir = tmp_path_factory.mktemp("data")
+    SyntheticSlides(**TINY).ensure(data_dir / f"synthetic_p{TINY['num_patients']}_s{TINY['seed']}")
+    return data_dir
+
+
+@pytest.fixture
+def real_data() -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real IDC sample not found at {REAL_DATA} (only beside the developers' checkout)")
+    return REAL_DATA
+
+
+def compose_config(config_name: str, output_dir: Path, data_dir: Path, overrides: list[str] = ()) -> DictConfig:
+    """Compose like the CLI would, with hydra's runtime values set so ${hydra:...} resolves."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        base = [
+            "data=synthetic",
+            f"data.synthetic.num_patients={TINY['num_patients']}",
+            f"data.synthetic.seed={TINY['seed']}",
+            f"data.synthetic.grid_min={TINY['grid_min']}",
+            f"data.synthetic.grid_max={TINY['grid_max']}",
+            "data.num_workers=0",
+            "data.batch_size=32",
+            "model.pretrained=false",
+            "trainer.accelerator=cpu",
+            "extras.print_config=false",
+            f"paths.data_dir={data_dir}",
+            f"paths.cache_dir={data_dir}/cache",
+            f"hydra.run.dir={output_dir}",
+        ]
+        cfg = compose(config_name=config_name, overrides=base + list(overrides), return_hydra_config=True)
+    with read_write(cfg), open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tiny_data_dir: Path, tmp_path: Path):
+    """make_cfg("train", ["trainer.max_epochs=1"]) → a composed config writing into tmp_path/run."""
+
+    def make(config_name: str = "train", overrides: list[str] = (), output_dir: Path | None = None) -> DictConfig:
+        return compose_config(config_name, output_dir or tmp_path / "run", tiny_data_dir, list(overrides))
+
+    return make

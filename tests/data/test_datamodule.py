@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from idc_lightning.data.datamodule import IDCDataModule
+
+
+@pytest.fixture
+def datamodule(make_cfg) -> IDCDataModule:
+    dm = instantiate(make_cfg("train").data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_setup_splits_by_patient_and_writes_splits_csv(datamodule: IDCDataModule, tmp_path: Path) -> None:
+    patients = {name: set(datamodule.split_frame(name).patient_id) for name in ("train", "val", "test")}
+    assert not patients["train"] & patients["val"] and not patients["train"] & patients["test"]
+    assert not patients["val"] & patients["test"]
+    saved = pd.read_csv(tmp_path / "run" / "splits.csv", dtype=str)
+    assert list(saved.columns) == ["patient_id", "split"] and len(saved) == 12
+    rows = sum(len(datamodule.split_frame(name)) for name in ("train", "val", "test"))
+    assert rows == len(datamodule.cache.rows)
+
+
+def test_class_weights_are_inverse_training_frequency(datamodule: IDCDataModule) -> None:
+    labels = datamodule.split_frame("train").label
+    weights = datamodule.class_weights
+    assert torch.allclose(weights * torch.tensor([(labels == 0).sum(), (labels == 1).sum()]).float(),
+                          torch.full((2,), len(labels) / 2.0))
+
+
+def test_cpu_and_device_paths_give_the_same_eval_batch(make_cfg) -> None:
+    batches = {}
+    for mode in ("cpu", "device"):
+        dm = instantiate(make_cfg("train", [f"data.augment_on={mode}"]).data)
+        dm.prepare_data()
+        dm.setup("test")
+        batches[mode] = next(iter(dm.test_dataloader()))
+    raw = batches["device"]["image"]
+    assert raw.dtype == torch.uint8 and raw.shape[1:] == (50, 50, 3)
+    batches["device"]["image"] = dm.batch_augment(raw, train=False)
+    assert torch.equal(batches["cpu"]["index"], batches["device"]["index"])
+    assert torch.allclose(batches["cpu"]["image"], batches["device"]["image"], atol=1e-5)
+
+
+def test_balanced_sampler_draws_both_classes_evenly(make_cfg) -> None:
+    dm = instantiate(make_cfg("train", ["data.sampler=balanced", "data.batch_size=64"]).data)
+    dm.prepare_data()
+    dm.setup("fit")
+    labels = torch.cat([batch["label"] for batch in dm.train_dataloader()])
+    assert 0.35 < labels.float().mean() < 0.65
+
+
+def test_gpu_resident_loader_serves_every_patch_without_workers(make_cfg) -> None:
+    dm = instantiate(make_cfg("train", ["data.loader=gpu_resident"]).data)
+    dm.prepare_data()
+    dm.setup("fit")
+    seen = torch.cat([batch["index"] for batch in dm.val_dataloader()])
+    assert sorted(seen.tolist()) == list(range(len(dm.split_frame("val"))))
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert batch["image"].shape[1:] == (3, 50, 50) and batch["image"].dtype == torch.float32
+
+
+def test_truth_masks_agree_with_labels(datamodule: IDCDataModule) -> None:
+    frame = datamodule.split_frame("train")
+    patient = frame.patient_id.iloc[0]
+    rows = frame[frame.patient_id == patient]
+    truth = datamodule.truth_for(patient, rows)
+    assert truth is not None and (truth == rows.label.astype(bool)).mean() > 0.9
+
+
+def test_unlabelled_patches_are_left_out_of_the_splits(tmp_path: Path, tiny_data_dir: Path) -> None:
+    source = next(tiny_data_dir.glob("synthetic_*/IDC_regular_ps50_idx5"))
+    root = tmp_path / "root"
+    for path in source.glob("*/*/*.png"):
+        target = root / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    extra = root / "20000" / "new" / "20000_idx5_x9001_y9001.png"
+    extra.parent.mkdir()
+    extra.write_bytes(next(source.glob("*/0/*.png")).read_bytes())
+    dm = IDCDataModule(root=root, cache_dir=tmp_path / "cache", num_workers=0)
+    dm.setup("fit")
+    assert len(dm.cache.rows) == len(list(source.glob("*/*/*.png"))) + 1
+    assert sum(len(dm.split_frame(s)) for s in ("train", "val", "test")) == len(dm.cache.rows) - 1
+
+
+def test_missing_root_error_points_to_synthetic(tmp_path: Path) -> None:
+    dm = IDCDataModule(root=tmp_path / "kaggle", cache_dir=tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="data=synthetic"):
+        dm.prepare_data()

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, TINY
+
+from idc_lightning.checkpoints import CheckpointError
+from idc_lightning.eval import evaluate
+from idc_lightning.train import train
+
+FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3"]
+
+
+def test_train_fits_tests_and_writes_the_run_folder(make_cfg, tmp_path: Path) -> None:
+    metrics = train(make_cfg("train", FAST))
+    run = tmp_path / "run"
+    for name in ("splits.csv", "results.json", "predictions.parquet", "patients.csv", "roc_curve.png",
+                 "pr_curve.png", "confusion_matrix.png", "checkpoints/last.ckpt", "csv/metrics.csv"):
+        assert (run / name).is_file(), name
+    results = json.loads((run / "results.json").read_text())
+    for key in ("val/auroc", "val/f1", "val/bal_acc", "test/auroc", "test/f1", "test/bal_acc", "test/auprc",
+                "test/sensitivity", "test/specificity", "test/f1@val_thr", "test/patient_mean_auroc"):
+        assert key in results and (results[key] is None or 0.0 <= results[key] <= 1.0), key
+    assert results["test/auroc"] == pytest.approx(metrics["test/auroc"])
+    predictions = pd.read_parquet(run / "predictions.parquet")
+    splits = pd.read_csv(run / "splits.csv", dtype=str)
+    test_patients = set(splits.patient_id[splits.split == "test"])
+    assert set(predictions.patient_id) == test_patients
+    assert list(predictions.columns) == ["patient_id", "x", "y", "label", "prob"]
+    confusion = results["test/tp"] + results["test/fp"] + results["test/tn"] + results["test/fn"]
+    assert confusion == len(predictions)
+    patients = pd.read_csv(run / "patients.csv", dtype={"patient_id": str})
+    assert set(patients.patient_id) == test_patients and patients.patches.sum() == len(predictions)
+    assert len(list((run / "heatmaps").glob("*.png"))) == len(test_patients)
+
+
+def test_eval_reproduces_the_test_metrics_of_a_checkpoint(make_cfg, tmp_path: Path) -> None:
+    trained = train(make_cfg("train", FAST))
+    checkpoint = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
+    evaluated = evaluate(make_cfg("eval", [f"ckpt_path={checkpoint}"], output_dir=tmp_path / "eval"))
+    assert evaluated["test/auroc"] == pytest.approx(trained["test/auroc"], abs=1e-6)
+    assert evaluated["test/f1@val_thr"] == pytest.approx(trained["test/f1@val_thr"], abs=1e-6)
+    assert (tmp_path / "eval" / "predictions.parquet").is_file()
+
+
+def test_same_seed_gives_the_same_metrics_on_cpu(make_cfg, tmp_path: Path) -> None:
+    first = train(make_cfg("train", FAST, output_dir=tmp_path / "a"))
+    second = train(make_cfg("train", FAST, output_dir=tmp_path / "b"))
+    assert first["test/auroc"] == second["test/auroc"] and first["val/auroc"] == second["val/auroc"]
+
+
+def test_resume_from_last_continues_to_the_same_end(make_cfg, tmp_path: Path) -> None:
+    limits = ["trainer.limit_train_batches=2", "callbacks.early_stopping=null"]
+    train(make_cfg("train", ["trainer.max_epochs=1", *limits], output_dir=tmp_path / "run"))
+    resumed = make_cfg("train", ["trainer.max_epochs=2", "ckpt_path=last", *limits], output_dir=tmp_path / "run")
+    train(resumed)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1 and last["global_step"] == 4
+
+
+def test_bad_checkpoints_fail_with_a_clear_error(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        evaluate(make_cfg("eval", [f"ckpt_path={tmp_path / 'missing.ckpt'}"]))
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        evaluate(make_cfg("eval", [f"ckpt_path={tmp_path / 'junk.ckpt'}"]))
+    torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this model"):
+        evaluate(make_cfg("eval", [f"ckpt_path={tmp_path / 'other.ckpt'}"]))
+
+
+@pytest.mark.parametrize("preset", ["fdr", "limit"])
+def test_debug_presets_run(make_cfg, preset: str) -> None:
+    metrics = train(make_cfg("train", [f"debug={preset}"]))
+    assert "test/auroc" in metrics
+
+
+@pytest.mark.slow
+def test_cli_runs_the_demo_experiment_on_generated_slides(tiny_data_dir: Path, tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "idc_lightning.train", "+experiment=demo", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2", f"paths.data_dir={tiny_data_dir}", f"hydra.run.dir={tmp_path / 'cli'}",
+        *(f"data.synthetic.{key}={value}" for key, value in TINY.items()),
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "cli" / "results.json").is_file() and (tmp_path / "cli" / ".hydra" / "config.yaml").is_file()
+
+
+def test_unknown_experiment_lists_the_choices(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "idc_lightning.train", "+experiment=nope", f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "experiment/nope" in done.stderr and "demo" in done.stderr and "resnet18" in done.stderr
