@@ -1,0 +1,223 @@
+"""Multiruns through the real CLI (sweep summary, Optuna, W&B offline, DDP on CPU, kill and resume) and the
+summary table functions."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, TINY, compose_config
+from omegaconf import OmegaConf
+
+from idc_lightning.callbacks.sweep_summary import (
+    collect_jobs,
+    error_headline,
+    group_metrics,
+    parse_overrides,
+    summary_frame,
+    summary_markdown,
+)
+from idc_lightning.eval import evaluate
+
+FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=2"]
+OFFLINE_ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def cli_command(module: str, data_dir: Path, *overrides: str) -> list[str]:
+    """An entry point on the tiny synthetic set; flags such as `-m` go first, as Hydra's argparse needs."""
+    flags = [o for o in overrides if o.startswith("-")]
+    return [
+        sys.executable, "-m", module, *flags, "data=synthetic", *(f"data.synthetic.{k}={v}" for k, v in TINY.items()),
+        "data.num_workers=0", "data.batch_size=32", "model.pretrained=false", "extras.print_config=false",
+        f"paths.data_dir={data_dir}", f"paths.cache_dir={data_dir}/cache", *(o for o in overrides if o not in flags),
+    ]
+
+
+def cli(module: str, data_dir: Path, *overrides: str, timeout: int = 300, check: bool = True
+        ) -> subprocess.CompletedProcess:
+    done = subprocess.run(cli_command(module, data_dir, *overrides), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=OFFLINE_ENV)
+    if check:
+        assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+# --- summary table functions -------------------------------------------------------------------------------------
+
+
+def _row(job: int, lr: str, fold: int, auroc: float | None, error: str = "") -> dict:
+    row = {"job": str(job), "data": "synthetic", "model.optimizer.lr": lr, "data.fold": str(fold),
+           "status": "failed" if auroc is None else "completed", "error": error, "run_dir": f"/sweep/{job}"}
+    if auroc is not None:
+        row.update({"test/auroc": auroc, "test/f1": 0.5, "val/auroc": auroc - 0.1})
+    return row
+
+
+def test_parse_overrides_strips_hydra_prefixes() -> None:
+    assert parse_overrides(["+experiment=demo", "++a.b=1=2", "~callbacks.heatmap", "data.fold=3"]) == {
+        "experiment": "demo", "a.b": "1=2", "callbacks.heatmap": "<deleted>", "data.fold": "3"}
+
+
+def test_group_metrics_averages_folds_per_setting_and_skips_failed_jobs() -> None:
+    frame = summary_frame([
+        _row(0, "1e-3", 0, 0.8), _row(1, "1e-3", 1, 0.9), _row(2, "3e-4", 0, 0.6), _row(3, "3e-4", 1, None, "boom"),
+    ])
+    table = group_metrics(frame)
+    assert list(table["model.optimizer.lr"]) == ["1e-3", "3e-4"]  # best val/auroc first; data (constant) dropped
+    assert list(table["n"]) == [2, 1]
+    assert table.loc[0, "test/auroc mean"] == pytest.approx(0.85)
+    assert table.loc[0, "test/auroc std"] == pytest.approx(math.sqrt(0.005))  # sample std of 0.8, 0.9
+    assert math.isnan(table.loc[1, "test/auroc std"])
+    assert "test/bal_acc mean" not in table  # metrics no job reported are left out, not filled with NaN
+
+
+def test_summary_markdown_shows_mean_std_shared_overrides_and_failures() -> None:
+    error = "Traceback (most recent call last):\n  ...\nValueError: dropout must be in [0, 1]\nfull_key: model"
+    frame = summary_frame([_row(0, "1e-3", 0, 0.8), _row(1, "1e-3", 1, 0.9), _row(2, "3e-4", 0, None, error)])
+    text = summary_markdown(frame)
+    assert "| model.optimizer.lr | n | test/auroc | test/f1 | val/auroc |" in text
+    assert "| 1e-3 | 2 | 0.8500 ± 0.0707 | 0.5000 ± 0.0000 | 0.7500 ± 0.0707 |" in text
+    assert "`data=synthetic`" in text and "3 jobs: 2 completed, 1 failed" in text
+    assert "| 2 | 3e-4 | ValueError: dropout must be in [0, 1] |" in text
+    assert error_headline(error) == "ValueError: dropout must be in [0, 1]"
+
+
+def test_collect_jobs_reads_results_and_explains_missing_ones(tmp_path: Path) -> None:
+    for job, lr in enumerate(["1e-3", "3e-4", "1e-4"]):
+        (tmp_path / str(job) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(f"- model.optimizer.lr={lr}\n")
+    (tmp_path / "0" / "results.json").write_text(json.dumps({"test/auroc": 0.7, "val/auroc": None}))
+    (tmp_path / "1" / "train.log").write_text("[INFO] start\nTraceback (most recent call last):\nRuntimeError: OOM\n")
+    frame = collect_jobs(tmp_path)
+    assert list(frame["job"]) == ["0", "1", "2"] and list(frame["status"]) == ["completed", "failed", "failed"]
+    assert frame.loc[0, "test/auroc"] == 0.7 and math.isnan(frame.loc[0, "val/auroc"])
+    assert frame.loc[1, "error"].endswith("RuntimeError: OOM") and frame.loc[2, "error"] == "no results.json"
+
+
+# --- the real CLI -------------------------------------------------------------------------------------------------
+
+
+def test_multirun_writes_the_sweep_summary(tiny_data_dir: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    cli("idc_lightning.train", tiny_data_dir, "-m", "model.optimizer.lr=1e-3,3e-4", *FAST, f"hydra.sweep.dir={sweep}")
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert len(summary) == 2 and list(summary["status"]) == ["completed", "completed"]
+    assert summary["test/auroc"].between(0, 1).all() and list(summary["model.optimizer.lr"]) == [1e-3, 3e-4]
+    assert "| model.optimizer.lr | n | test/auroc |" in (sweep / "summary.md").read_text()
+
+
+def test_failed_job_is_recorded_and_the_other_jobs_still_run(tiny_data_dir: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    done = cli("idc_lightning.train", tiny_data_dir, "-m", "model.dropout=0.1,7", *FAST, f"hydra.sweep.dir={sweep}",
+               check=False)
+    assert done.returncode != 0  # the basic sweeper re-raises the first failure after the whole batch
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert list(summary["status"]) == ["completed", "failed"]
+    assert "dropout probability" in summary.loc[1, "error"] and (sweep / "1" / "error.txt").is_file()
+
+
+@pytest.mark.slow
+def test_optuna_sweep_runs_two_trials(tiny_data_dir: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "optuna"
+    cli("idc_lightning.train", tiny_data_dir, "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2", *FAST, f"hydra.sweep.dir={sweep}")
+    assert (sweep / "0" / "results.json").is_file() and (sweep / "1" / "results.json").is_file()
+    assert (sweep / "optimization_results.yaml").is_file()
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert len(summary) == 2 and "model.optimizer.lr" in summary and summary["val/auroc"].notna().all()
+
+
+def test_wandb_logs_offline_with_the_sweep_as_group(tiny_data_dir: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "wandb_sweep_7f3a"
+    cli("idc_lightning.train", tiny_data_dir, "-m", "logger=wandb", *FAST, f"hydra.sweep.dir={sweep}")
+    offline = list((sweep / "0" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1, "W&B did not run offline (no API key and WANDB_MODE=offline)"
+    records = next(offline[0].glob("run-*.wandb")).read_bytes()
+    for name in (b"test/auroc", b"val/auroc", b"train/loss"):
+        assert name in records, name
+    assert b'"group":"wandb_sweep_7f3a"' in records  # the resolved logger config is logged with the run
+    assert list((offline[0] / "files" / "media" / "images").glob("heatmaps_*.png"))
+
+
+def test_wandb_single_run_has_no_group_and_is_offline_without_a_key(make_cfg, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", "/nonexistent")
+    monkeypatch.setenv("HOME", "/nonexistent")
+    wandb = OmegaConf.to_container(make_cfg("train", ["logger=wandb"]).logger.wandb, resolve=True)
+    assert wandb["group"] is None and wandb["offline"] is True
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_a_single_process_eval(tiny_data_dir: Path, tmp_path: Path) -> None:
+    cli("idc_lightning.train", tiny_data_dir, "trainer=ddp_cpu", *FAST, f"hydra.run.dir={tmp_path / 'ddp'}")
+    trained = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    checkpoint = next((tmp_path / "ddp" / "checkpoints").glob("epoch_*.ckpt"))
+    overrides = [f"ckpt_path={checkpoint}", "trainer.accelerator=cpu"]
+    evaluated = evaluate(compose_config("eval", tmp_path / "eval", tiny_data_dir, overrides))
+    for key in ("test/auroc", "test/f1", "test/auprc", "test/f1@val_thr", "test/tp", "test/fp"):
+        assert evaluated[key] == pytest.approx(trained[key], abs=1e-6), key
+
+
+def _global_step(checkpoint: Path) -> int:
+    return torch.load(checkpoint, weights_only=True, map_location="cpu")["global_step"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_killed_run_resumes_from_last_checkpoint(kill: signal.Signals, tiny_data_dir: Path, tmp_path: Path) -> None:
+    run_dir, epochs, steps = tmp_path / "run", 4, 8
+    overrides = ["trainer.accelerator=cpu", f"trainer.max_epochs={epochs}", f"trainer.limit_train_batches={steps}",
+                 "data.batch_size=8", "callbacks.early_stopping=null", "callbacks.heatmap=null",
+                 f"hydra.run.dir={run_dir}"]
+    first = subprocess.Popen(cli_command("idc_lightning.train", tiny_data_dir, *overrides), cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr.txt").open("w"), env=OFFLINE_ENV)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.is_file() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # into the second epoch
+    first.send_signal(kill)
+    first.wait(timeout=60)
+    assert not (run_dir / "results.json").exists(), "the run finished before it was killed"
+    assert _global_step(last) < epochs * steps
+    if kill == signal.SIGTERM:  # Lightning turns SIGTERM into an exception; ModelCheckpoint saves on it
+        assert "SIGTERMException was raised" in (tmp_path / "stderr.txt").read_text()
+    cli("idc_lightning.train", tiny_data_dir, *overrides, "ckpt_path=last")
+    assert _global_step(last) == epochs * steps
+    assert json.loads((run_dir / "results.json").read_text())["test/auroc"] is not None
+
+
+def test_slurm_launcher_composes_one_task_per_gpu(tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    submitit = pytest.importorskip("submitit")
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    cfg = compose_config("train", tmp_path / "run", tiny_data_dir, [
+        "hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.partition=gpu",
+        "hydra.launcher.gpus_per_node=8"])
+    params = dict(instantiate(cfg.hydra.launcher).params)
+    assert (params["nodes"], params["gpus_per_node"], params["tasks_per_node"]) == (2, 8, 8)
+    # submitit only checks that srun exists: a stub lets it write the sbatch script it would submit.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path / "submitit",
+                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    params.pop("submitit_folder")
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    sbatch = executor._executor._make_submission_file_text("python -m idc_lightning.train", "uid")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --requeue", "#SBATCH --signal=USR2@120"):
+        assert line in sbatch, line
