@@ -110,6 +110,9 @@ class IDCClassifier(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate_step("test", batch)
 
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.idc_probability(batch["image"])
+
     def _gather(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Predictions of every rank, each patch once (DistributedSampler pads ranks with repeats)."""
         outputs = self._outputs[split]
