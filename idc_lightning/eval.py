@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from idc_lightning.builders import build_run, log_config, print_config_tree
 from idc_lightning.checkpoints import load_weights
-from idc_lightning.reports import write_test_report
+from idc_lightning.reports import publish_test_report
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = dict(run.model.test_metrics)
     if run.trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
-        metrics = write_test_report(output_dir, run.model.test_predictions, metrics, float(run.model.val_threshold))
+        metrics = publish_test_report(run.trainer, run.model.test_predictions, metrics, output_dir,
+                                      float(run.model.val_threshold))
         log.info("Evaluated %s; run folder: %s", cfg.ckpt_path, output_dir)
     return metrics
 

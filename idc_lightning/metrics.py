@@ -68,8 +68,9 @@ def patient_metrics(predictions: pd.DataFrame, threshold: float = 0.5) -> pd.Dat
     """One row per patient: patches, IDC %, AUROC (where both classes exist) and F1."""
     rows = []
     for patient_id, frame in predictions.groupby("patient_id", sort=True):
-        probs = torch.as_tensor(frame["prob"].to_numpy())
-        labels = torch.as_tensor(frame["label"].to_numpy())
+        # pandas 3 hands out read-only views (copy-on-write); torch wants writable memory.
+        probs = torch.tensor(frame["prob"].to_numpy())
+        labels = torch.tensor(frame["label"].to_numpy())
         scores = binary_metrics(probs, labels, threshold)
         rows.append({"patient_id": patient_id, "patches": len(frame), "idc_pct": 100.0 * float(labels.float().mean()),
                      "auroc": scores["auroc"], "f1": scores["f1"], "bal_acc": scores["bal_acc"]})

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import lightning as L
 import matplotlib
 
 matplotlib.use("Agg")
@@ -13,8 +14,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc  # noqa: E402
 
+from idc_lightning.image_logging import log_images  # noqa: E402
 from idc_lightning.metrics import has_both_classes, patient_metrics  # noqa: E402
 
 
@@ -30,8 +34,8 @@ def write_results(path: Path, metrics: dict[str, float]) -> Path:
 
 def write_curves(output_dir: Path, predictions: pd.DataFrame, threshold: float) -> list[Path]:
     """ROC, precision-recall and confusion-matrix PNGs of the test patches."""
-    probs = torch.as_tensor(predictions["prob"].to_numpy())
-    labels = torch.as_tensor(predictions["label"].to_numpy()).long()
+    probs = torch.tensor(predictions["prob"].to_numpy())
+    labels = torch.tensor(predictions["label"].to_numpy()).long()
     paths = []
     if has_both_classes(labels):
         fpr, tpr, _ = binary_roc(probs, labels)
@@ -63,8 +67,11 @@ def write_curves(output_dir: Path, predictions: pd.DataFrame, threshold: float) 
 
 
 def write_test_report(output_dir: Path, predictions: pd.DataFrame, metrics: dict[str, float],
-                      threshold: float = 0.5) -> dict[str, float]:
-    """predictions.parquet, patients.csv (+ the patient mean in the metrics), results.json and curves."""
+                      threshold: float = 0.5) -> tuple[dict[str, float], list[Path]]:
+    """predictions.parquet, patients.csv (+ the patient mean in the metrics), results.json and curve PNGs.
+
+    Returns the metrics with the patient means added, and the PNGs written.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     predictions[["patient_id", "x", "y", "label", "prob"]].to_parquet(output_dir / "predictions.parquet", index=False)
     patients = patient_metrics(predictions, threshold=0.5)
@@ -73,5 +80,30 @@ def write_test_report(output_dir: Path, predictions: pd.DataFrame, metrics: dict
     for column in ("auroc", "f1", "bal_acc"):
         metrics[f"test/patient_mean_{column}"] = float(patients[column].mean(skipna=True))
     write_results(output_dir / "results.json", metrics)
-    write_curves(output_dir, predictions, threshold)
+    return metrics, write_curves(output_dir, predictions, threshold)
+
+
+def results_table(metrics: dict[str, float], output_dir: Path) -> Table:
+    """The few numbers a run is judged by, at 0.5 and at the threshold chosen on validation."""
+    table = Table(title=f"Test patients · run folder {output_dir}")
+    table.add_column("threshold")
+    names = ("auroc", "auprc", "f1", "bal_acc", "sensitivity", "specificity")
+    for name in names:
+        table.add_column(name, justify="right")
+    for label, suffix in (("0.5", ""), (f"val {metrics.get('test/val_threshold', math.nan):.3f}", "@val_thr")):
+        # AUROC and AUPRC do not depend on a threshold: the same value on both rows.
+        values = [metrics.get(f"test/{name}" if name.startswith("au") else f"test/{name}{suffix}") for name in names]
+        table.add_row(label, *("–" if v is None or math.isnan(v) else f"{v:.3f}" for v in values))
+    return table
+
+
+def publish_test_report(trainer: L.Trainer, predictions: pd.DataFrame, metrics: dict[str, float],
+                        output_dir: Path, threshold: float) -> dict[str, float]:
+    """Rank 0 after testing: the report files, the figures and patient means to every logger, a console table."""
+    metrics, figures = write_test_report(output_dir, predictions, metrics, threshold)
+    log_images(trainer.loggers, "curves", figures, [figure.stem for figure in figures], trainer.global_step)
+    patient_means = {k: v for k, v in metrics.items() if k.startswith("test/patient_mean_") and not math.isnan(v)}
+    for logger in trainer.loggers:
+        logger.log_metrics(patient_means, step=trainer.global_step)
+    Console().print(results_table(metrics, output_dir))
     return metrics

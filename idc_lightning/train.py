@@ -10,7 +10,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from idc_lightning.builders import build_run, log_config, print_config_tree, wandb_sync_hints
-from idc_lightning.reports import write_results, write_test_report
+from idc_lightning.reports import publish_test_report, write_results
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
         if cfg.test:
-            metrics = write_test_report(output_dir, run.model.test_predictions, metrics,
-                                        float(run.model.val_threshold))
+            metrics = publish_test_report(trainer, run.model.test_predictions, metrics, output_dir,
+                                          float(run.model.val_threshold))
         else:
             write_results(output_dir / "results.json", metrics)
         log.info("Run folder: %s", output_dir)
+        if (output_dir / "heatmaps").is_dir():
+            log.info("Heatmaps: %s", output_dir / "heatmaps")
         for hint in wandb_sync_hints(run):
             log.info("W&B ran offline; upload with: %s", hint)
     return metrics

@@ -6,12 +6,10 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pandas as pd
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from PIL import Image
 
 from idc_lightning.heatmap import write_patient_heatmaps
+from idc_lightning.image_logging import log_images
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +94,8 @@ class HeatmapCallback(L.Callback):
         if table.empty:
             return
         step = trainer.global_step
-        patient_ids, pngs = table["patient_id"].tolist(), table["png"].tolist()
+        log_images(trainer.loggers, key, table["png"].tolist(), table["patient_id"].astype(str).tolist(), step)
         dice = table["dice"].dropna()
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key=key, images=pngs, caption=patient_ids, step=step)
-            elif isinstance(logger, TensorBoardLogger):
-                for patient_id, png in zip(patient_ids, pngs, strict=True):
-                    image = np.asarray(Image.open(png).convert("RGB"))
-                    logger.experiment.add_image(f"{key}/{patient_id}", image, step, dataformats="HWC")
-            if len(dice):
+        if len(dice):
+            for logger in trainer.loggers:
                 logger.log_metrics({dice_key: float(dice.mean())}, step=step)
