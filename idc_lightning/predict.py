@@ -64,7 +64,7 @@ def predict_slide(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule,
                              f"{', '.join(sorted(SLIDE_SUFFIXES))} (or give a folder of Kaggle patches)")
     tiles, xs, ys, (height, width) = tissue_tiles(path, cfg.data.patch_size, cfg.predict.stride,
                                                   cfg.predict.min_tissue, cfg.data.pad_value,
-                                                  cfg.predict.max_saturation_threshold)
+                                                  cfg.predict.max_saturation_threshold, cfg.predict.tiff_level)
     log.info("%s: %dx%d px, %d tissue tiles of %d px (stride %d)", path, width, height, len(tiles),
              cfg.data.patch_size, cfg.predict.stride)
     if len(tiles) == 0:

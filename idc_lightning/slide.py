@@ -45,10 +45,15 @@ def _decode_whole(path: Path) -> np.ndarray:
 
 
 class SlideRows:
-    """Pixel rows of a slide, read top to bottom; `rows(start, stop)` may not go back before an earlier start."""
+    """Pixel rows of a slide, read top to bottom; `rows(start, stop)` may not go back before an earlier start.
 
-    def __init__(self, path: Path) -> None:
+    `level` picks a level of a pyramidal TIFF (0 = full resolution): the model expects the Kaggle scale, about
+    2.5x below a 40x scan.
+    """
+
+    def __init__(self, path: Path, level: int = 0) -> None:
         self.path = Path(path)
+        self.level = level
         if not self.path.is_file():
             raise SlideReadError(f"{self.path} does not exist")
         self._tiff: tifffile.TiffFile | None = None
@@ -65,11 +70,16 @@ class SlideRows:
     def _open_tiff(self) -> None:
         try:
             self._tiff = tifffile.TiffFile(self.path)
-            page = self._tiff.pages.first
-        except (tifffile.TiffFileError, ValueError, OSError) as error:
+            levels = self._tiff.series[0].levels
+        except (tifffile.TiffFileError, ValueError, OSError, IndexError) as error:
             raise SlideReadError(f"{self.path} could not be read as a TIFF: {error}") from error
+        if not 0 <= self.level < len(levels):
+            sizes = ", ".join(f"{i}: {lv.shape[1]}x{lv.shape[0]}" for i, lv in enumerate(levels))
+            raise SlideReadError(f"{self.path} has no pyramid level {self.level}; its levels are {sizes}")
+        page = levels[self.level].keyframe
+        self._page = page
         if page.is_memmappable:
-            self._whole = _as_rgb(tifffile.memmap(self.path, page=0, mode="r"), self.path)
+            self._whole = _as_rgb(tifffile.memmap(self.path, series=0, level=self.level, mode="r"), self.path)
         else:
             shape = page.shape
             if (page.planarconfig != 1 and page.samplesperpixel > 1) or page.imagedepth > 1:
@@ -80,10 +90,9 @@ class SlideRows:
 
     def _segment_rows(self) -> Iterator[np.ndarray]:
         """Full-width bands as tifffile decodes strips or tiles; TIFF tiles of one row are stitched together."""
-        page = self._tiff.pages.first
         band: np.ndarray | None = None
         band_y = 0
-        for segment, index, shape in page.segments(maxworkers=1):
+        for segment, index, shape in self._page.segments(maxworkers=1):
             _, _, y, x, _ = index
             length, width = shape[1], shape[2]
             if band is None or y != band_y:
@@ -128,10 +137,11 @@ class SlideRows:
         self.close()
 
 
-def tissue_threshold(path: Path, max_threshold: float = 20, downsample: int = 8, band: int = 512) -> float:
+def tissue_threshold(path: Path, max_threshold: float = 20, level: int = 0, downsample: int = 8,
+                     band: int = 512) -> float:
     """Otsu on the saturation of a thumbnail (H&E tissue is coloured, glass is white or grey), capped at
     max_threshold: on a slide that is nearly all tissue, Otsu would split pale stroma from dense tumour instead."""
-    with SlideRows(path) as slide:
+    with SlideRows(path, level) as slide:
         thumbnail = np.concatenate([
             slide.rows(y, y + band)[(-y) % downsample :: downsample, ::downsample]
             for y in range(0, slide.height, band)
@@ -142,15 +152,16 @@ def tissue_threshold(path: Path, max_threshold: float = 20, downsample: int = 8,
 
 
 def tissue_tiles(path: Path, tile: int = 50, stride: int = 50, min_tissue: float = 0.5, pad_value: int = 255,
-                 max_threshold: float = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+                 max_threshold: float = 20, level: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
     """(tiles uint8 [N, tile, tile, 3], x, y, (height, width)) of every tile with >= min_tissue of it on tissue.
 
     x, y are the tiles' top-left pixel offsets; tiles at the right/bottom border are padded like the Kaggle edge
     patches. Only tissue tiles are kept in memory, never the decoded slide.
     """
-    threshold = tissue_threshold(path, max_threshold)
+    threshold = tissue_threshold(path, max_threshold, level)
     tiles, xs, ys = [], [], []
-    with SlideRows(path) as slide:
+    with SlideRows(path, level) as slide:
         for y in range(0, slide.height, stride):
             strip = slide.rows(y, y + tile)
             saturation = cv2.cvtColor(np.ascontiguousarray(strip), cv2.COLOR_RGB2HSV)[..., 1] > threshold

@@ -112,6 +112,18 @@ def test_tiff_rows_stream_in_segments_and_match_the_image(tmp_path: Path) -> Non
         np.testing.assert_array_equal(band, image[y : y + 50])
 
 
+def test_pyramid_level_is_chosen_and_a_missing_level_is_named(tmp_path: Path) -> None:
+    image = np.random.default_rng(1).integers(0, 256, (256, 384, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "pyramid.tif") as writer:
+        writer.write(image, tile=(64, 64), compression="zlib", photometric="rgb", subifds=1)
+        writer.write(image[::2, ::2], tile=(64, 64), compression="zlib", photometric="rgb", subfiletype=1)
+    with SlideRows(tmp_path / "pyramid.tif", level=1) as slide:
+        assert (slide.height, slide.width) == (128, 192)
+        np.testing.assert_array_equal(slide.rows(0, 128), image[::2, ::2])
+    with pytest.raises(SlideReadError, match="no pyramid level 2; its levels are 0: 384x256, 1: 192x128"):
+        SlideRows(tmp_path / "pyramid.tif", level=2)
+
+
 def test_tissue_mask_drops_glass_and_pads_border_tiles(tmp_path: Path) -> None:
     slide = np.full((120, 130, 3), 245, np.uint8)
     slide[:, 90:] = (200, 80, 160)  # a tissue-coloured strip reaching the right border
