@@ -1,0 +1,34 @@
+"""How long a fresh manifest scan and a fresh cache build take."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from idc_lightning.benchmarking.report import Row
+from idc_lightning.data.cache import PatchCache, build_cache
+from idc_lightning.data.manifest import build_manifest
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, float]:
+    started = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - started
+
+
+def measure_builds(label: str, root: Path, cache_dir: Path) -> tuple[list[Row], PatchCache]:
+    """Fresh manifest scan (no parquet reuse) and a fresh cache build (an existing one is deleted first)."""
+    (manifest, report), manifest_s = timed(lambda: build_manifest(root))
+    shutil.rmtree(cache_dir / "patches", ignore_errors=True)
+    cache, cache_s = timed(lambda: build_cache(manifest, root, cache_dir))
+    size_mib = cache.images.nbytes / 2**20
+    rows = [
+        Row("build", f"manifest scan ({label})", manifest_s, "s",
+            f"{report.patches} patches, {report.patients} patients"),
+        Row("build", f"cache build ({label})", cache_s, "s",
+            f"{len(cache.rows)} patches, {size_mib:.0f} MiB memmap, {os.cpu_count()} workers"),
+    ]
+    return rows, cache
