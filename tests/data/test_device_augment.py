@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from idc_lightning.data import device_augment
 from idc_lightning.data.device_augment import BatchAugment, dihedral
 from idc_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, eval_transform, train_transform
 
@@ -122,6 +123,18 @@ def test_resize_and_memory_format() -> None:
     out = BatchAugment(AugmentConfig(), image_size=224, channels_last=True)(images, train=True)
     assert out.shape == (2, 3, 224, 224) and out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gpu_strategy_gives_the_same_batch_as_the_cpu_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU, steps that only some images take run on those images; on a GPU on all, then torch.where picks.
+    Same random draws, so the same batch: checked on CPU, where both can run."""
+    images = torch.randint(0, 256, (64, 50, 50, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    augment = BatchAugment(AugmentConfig(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.2, hed_jitter=0.05))
+    torch.manual_seed(6)
+    cpu = augment(images, train=True)
+    monkeypatch.setattr(device_augment, "_where_chosen", device_augment._on_whole_batch)
+    torch.manual_seed(6)
+    assert torch.equal(augment(images, train=True), cpu)
 
 
 def test_rejects_float_or_channels_first_input() -> None:
