@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from idc_lightning.data.manifest import tree_signature
+
 log = logging.getLogger(__name__)
 
 IMAGES_FILE = "images.u8"
@@ -63,10 +65,15 @@ def decode_patch(path: Path | str, patch_size: int = 50, pad_value: int = 255) -
     return image
 
 
-def cache_key(manifest: pd.DataFrame, patch_size: int, pad_value: int, stain_norm: str | None) -> str:
-    """Changes whenever a row, the patch geometry or the stain normalisation changes."""
+def cache_key(manifest: pd.DataFrame, patch_size: int, pad_value: int, stain_norm: str | None,
+              tree: str = "") -> str:
+    """Changes whenever a row, the patch geometry, the stain normalisation or the tree on disk changes.
+
+    `tree` is the root's tree_signature: files rewritten under the same names (regenerated slides, a re-unzipped
+    download) change their folders' mtimes, so the cache never serves the old pixels.
+    """
     digest = hashlib.sha1(pd.util.hash_pandas_object(manifest[["path", "label"]], index=False).values.tobytes())
-    digest.update(f"{patch_size}|{pad_value}|{stain_norm}".encode())
+    digest.update(f"{patch_size}|{pad_value}|{stain_norm}|{tree}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -127,7 +134,7 @@ def build_cache(
     """
     if stain_norm not in (None, "macenko"):
         raise ValueError(f"data.stain_norm={stain_norm!r} is not supported; use null or macenko")
-    key = cache_key(manifest, patch_size, pad_value, stain_norm)
+    key = cache_key(manifest, patch_size, pad_value, stain_norm, tree_signature(root, exclude=cache_dir))
     folder = cache_folder(cache_dir, key)
     if (folder / "meta.json").is_file():
         log.info("Reusing packed patch cache %s", folder)

@@ -59,8 +59,9 @@ def missing_data_message(root: Path, problem: str) -> str:
     )
 
 
-def _walk_files(root: Path) -> list[tuple[str, str]]:
-    """(relative dir, file name) for every file under root, following os.scandir for speed."""
+def _walk_files(root: Path, exclude: Path | None = None) -> list[tuple[str, str]]:
+    """(relative dir, file name) for every file under root, except inside `exclude`, following os.scandir for speed."""
+    excluded = _excluded_folder(exclude)
     found: list[tuple[str, str]] = []
     stack = [""]
     while stack:
@@ -69,20 +70,33 @@ def _walk_files(root: Path) -> list[tuple[str, str]]:
             for entry in entries:
                 rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
                 if entry.is_dir(follow_symlinks=True):
-                    stack.append(rel)
+                    if not _is_excluded(entry.path, excluded):
+                        stack.append(rel)
                 elif entry.is_file(follow_symlinks=True):
                     found.append((rel_dir, entry.name))
     return found
 
 
-def scan_tree(root: Path) -> tuple[pd.DataFrame, ManifestReport]:
-    """Parse every patch file name under root; merge the zip's duplicated tree; report the rest."""
+def _excluded_folder(folder: Path | str | None) -> str | None:
+    return None if folder is None else os.path.realpath(folder)
+
+
+def _is_excluded(path: str, excluded: str | None) -> bool:
+    return excluded is not None and os.path.realpath(path) == excluded
+
+
+def scan_tree(root: Path, exclude: Path | str | None = None) -> tuple[pd.DataFrame, ManifestReport]:
+    """Parse every patch file name under root; merge the zip's duplicated tree; report the rest.
+
+    `exclude` is the cache folder when a user keeps it inside the data root (paths.cache_dir under data.root):
+    the project's own files are neither patches nor strays.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(missing_data_message(root, "data.root does not exist or is not a folder"))
     report = ManifestReport(root=str(root))
     rows: list[tuple[str, int, int, int, str]] = []
-    for rel_dir, name in _walk_files(root):
+    for rel_dir, name in _walk_files(root, exclude):
         report.files_seen += 1
         rel_path = f"{rel_dir}/{name}" if rel_dir else name
         match = PATCH_NAME.match(name)
@@ -121,15 +135,20 @@ def _merge_duplicate_copies(frame: pd.DataFrame, report: ManifestReport) -> pd.D
     return unique.drop(columns="depth")
 
 
-def tree_signature(root: Path) -> str:
-    """Hash of every folder's path and mtime: adding, removing or renaming a file changes its folder's mtime."""
+def tree_signature(root: Path, exclude: Path | str | None = None) -> str:
+    """Hash of every folder's path and mtime: adding, removing or renaming a file changes its folder's mtime.
+
+    The `exclude` folder (the cache, when it lives under root) is left out, or writing the cache would change it.
+    """
+    excluded = _excluded_folder(exclude)
     digest = hashlib.sha1(str(Path(root).resolve()).encode())
     stack = [Path(root)]
     while stack:
         folder = stack.pop()
         digest.update(f"{folder}:{folder.stat().st_mtime_ns}".encode())
         with os.scandir(folder) as entries:
-            stack.extend(Path(entry.path) for entry in entries if entry.is_dir(follow_symlinks=True))
+            stack.extend(Path(entry.path) for entry in entries
+                         if entry.is_dir(follow_symlinks=True) and not _is_excluded(entry.path, excluded))
     return digest.hexdigest()[:16]
 
 
@@ -140,12 +159,12 @@ def build_manifest(root: Path | str, cache_dir: Path | str | None = None) -> tup
         raise DatasetNotFoundError(missing_data_message(root, "data.root does not exist or is not a folder"))
     if cache_dir is None:
         return scan_tree(root)
-    saved = Path(cache_dir) / "manifests" / tree_signature(root)
+    saved = Path(cache_dir) / "manifests" / tree_signature(root, exclude=cache_dir)
     if (saved / "manifest.parquet").is_file() and (saved / "report.json").is_file():
         report = ManifestReport(**json.loads((saved / "report.json").read_text()))
         log.info("Reusing manifest %s", saved)
         return pd.read_parquet(saved / "manifest.parquet"), report
-    frame, report = scan_tree(root)
+    frame, report = scan_tree(root, exclude=cache_dir)
     saved.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(saved / "manifest.parquet", index=False)
     # The report is written last and atomically: its presence marks a complete manifest.

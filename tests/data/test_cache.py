@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from idc_lightning.data.cache import build_cache, decode_patch
-from idc_lightning.data.manifest import scan_tree
+from idc_lightning.data.manifest import build_manifest, scan_tree
 
 
 def write(path: Path, image: np.ndarray) -> Path:
@@ -77,3 +77,25 @@ def test_parallel_build_matches_serial_on_real_patches(real_data: Path, tmp_path
     expected = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
     h, w = expected.shape[:2]
     assert np.array_equal(serial.images[0][:h, :w], expected)
+
+
+def test_files_rewritten_under_the_same_names_are_packed_again(odd_tree: Path, tmp_path: Path) -> None:
+    """Regenerated slides or a re-unzipped download keep their names: the cache must not serve the old pixels."""
+    manifest, _ = scan_tree(odd_tree)
+    first = build_cache(manifest, odd_tree, tmp_path / "cache", workers=1)
+    patch = odd_tree / "9000/0/9000_idx5_x1_y1_class0.png"
+    patch.unlink()
+    write(patch, np.full((50, 50, 3), 30, np.uint8))
+    again = build_cache(manifest, odd_tree, tmp_path / "cache", workers=1)
+    assert again.folder != first.folder
+    index = again.rows.set_index("x").loc[1, "cache_index"]
+    assert tuple(again.images[index][0, 0]) == (30, 30, 30)
+
+
+def test_cache_inside_the_data_root_is_reused_and_not_scanned(odd_tree: Path) -> None:
+    cache_dir = odd_tree / "cache"
+    manifest, report = build_manifest(odd_tree, cache_dir)
+    cache = build_cache(manifest, odd_tree, cache_dir, workers=1)
+    manifest_again, report_again = build_manifest(odd_tree, cache_dir)
+    assert manifest_again.equals(manifest) and report_again.ignored == report.ignored == []
+    assert build_cache(manifest_again, odd_tree, cache_dir, workers=1).folder == cache.folder
