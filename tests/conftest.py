@@ -43,12 +43,11 @@ def compose_config(config_name: str, output_dir: Path, data_dir: Path, overrides
     """Compose like the CLI would, with hydra's runtime values set so ${hydra:...} resolves."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        # The tiny generated set, unless the test picks its own data (data=kaggle data.root=...).
+        tiny = [] if any(o.startswith("data=") for o in overrides) else [
+            "data=synthetic", *(f"data.synthetic.{key}={value}" for key, value in TINY.items())]
         base = [
-            "data=synthetic",
-            f"data.synthetic.num_patients={TINY['num_patients']}",
-            f"data.synthetic.seed={TINY['seed']}",
-            f"data.synthetic.grid_min={TINY['grid_min']}",
-            f"data.synthetic.grid_max={TINY['grid_max']}",
+            *tiny,
             "data.num_workers=0",
             "data.batch_size=32",
             "model.pretrained=false",
