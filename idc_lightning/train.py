@@ -33,12 +33,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print_config_tree(cfg)
     log_config(run, cfg)
     metrics: dict[str, float] = {}
+    checkpoint = trainer.checkpoint_callback
+    best = ""
     if cfg.train:
         trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=_resume_path(cfg))
+        best = checkpoint.best_model_path if checkpoint is not None else ""
+        if best:
+            # Report (and return to sweepers) the validation metrics of the checkpoint that is tested, not of
+            # the last epoch.
+            trainer.validate(run.model, datamodule=run.datamodule, ckpt_path=best, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
     if cfg.test:
-        checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path if checkpoint is not None and cfg.train else ""
         if not best:
             log.warning("No best checkpoint (fast_dev_run or checkpointing off): testing the current weights")
         trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best or None, weights_only=True)

@@ -192,7 +192,10 @@ def test_killed_run_resumes_from_last_checkpoint(kill: signal.Signals, tiny_data
     assert not (run_dir / "results.json").exists(), "the run finished before it was killed"
     assert _global_step(last) < epochs * steps
     if kill == signal.SIGTERM:  # Lightning turns SIGTERM into an exception; ModelCheckpoint saves on it
-        assert "SIGTERMException was raised" in (tmp_path / "stderr.txt").read_text()
+        stderr = (tmp_path / "stderr.txt").read_text()
+        assert "Received SIGTERM" in stderr
+        # Nothing new to save when the signal lands right after an epoch's checkpoint, before the next step.
+        assert "SIGTERMException was raised" in stderr or _global_step(last) % steps == 0, stderr[-2000:]
     cli("idc_lightning.train", tiny_data_dir, *overrides, "ckpt_path=last")
     assert _global_step(last) == epochs * steps
     assert json.loads((run_dir / "results.json").read_text())["test/auroc"] is not None

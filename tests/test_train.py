@@ -40,6 +40,16 @@ def test_train_fits_tests_and_writes_the_run_folder(make_cfg, tmp_path: Path) ->
     assert len(list((run / "heatmaps").glob("*.png"))) == len(test_patients)
 
 
+def test_results_report_the_validation_metrics_of_the_tested_checkpoint(make_cfg, tmp_path: Path) -> None:
+    overrides = ["trainer.max_epochs=3", "trainer.limit_train_batches=2", "callbacks.early_stopping=null",
+                 "callbacks.heatmap=null"]
+    metrics = train(make_cfg("train", overrides))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    best = next(v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint"))["best_model_score"]
+    assert metrics["val/auroc"] == pytest.approx(float(best), abs=1e-6)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["val/auroc"] == pytest.approx(float(best))
+
+
 def test_eval_reproduces_the_test_metrics_of_a_checkpoint(make_cfg, tmp_path: Path) -> None:
     trained = train(make_cfg("train", FAST))
     checkpoint = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
