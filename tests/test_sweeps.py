@@ -42,10 +42,10 @@ def cli_command(module: str, data_dir: Path, *overrides: str) -> list[str]:
     ]
 
 
-def cli(module: str, data_dir: Path, *overrides: str, timeout: int = 300, check: bool = True
-        ) -> subprocess.CompletedProcess:
+def cli(module: str, data_dir: Path, *overrides: str, timeout: int = 300, check: bool = True,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     done = subprocess.run(cli_command(module, data_dir, *overrides), cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=OFFLINE_ENV)
+                          timeout=timeout, env={**OFFLINE_ENV, **(env or {})})
     if check:
         assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -107,8 +107,10 @@ def test_collect_jobs_reads_results_and_explains_missing_ones(tmp_path: Path) ->
 
 
 def test_multirun_writes_the_sweep_summary(tiny_data_dir: Path, tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    cli("idc_lightning.train", tiny_data_dir, "-m", "model.optimizer.lr=1e-3,3e-4", *FAST, f"hydra.sweep.dir={sweep}")
+    # The default sweep folder, as a user gets it: <IDC_ROOT>/outputs/train/multiruns/<time>.
+    cli("idc_lightning.train", tiny_data_dir, "-m", "model.optimizer.lr=1e-3,3e-4", *FAST,
+        env={"IDC_ROOT": str(tmp_path)})
+    [sweep] = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
     summary = pd.read_csv(sweep / "summary.csv")
     assert len(summary) == 2 and list(summary["status"]) == ["completed", "completed"]
     assert summary["test/auroc"].between(0, 1).all() and list(summary["model.optimizer.lr"]) == [1e-3, 3e-4]

@@ -28,6 +28,7 @@ def test_train_fits_tests_and_writes_the_run_folder(make_cfg, tmp_path: Path) ->
                 "test/sensitivity", "test/specificity", "test/f1@val_thr", "test/patient_mean_auroc"):
         assert key in results and (results[key] is None or 0.0 <= results[key] <= 1.0), key
     assert results["test/auroc"] == pytest.approx(metrics["test/auroc"])
+    assert results["val/loss"] > 0 and "test/loss" in pd.read_csv(run / "csv" / "metrics.csv").columns
     predictions = pd.read_parquet(run / "predictions.parquet")
     splits = pd.read_csv(run / "splits.csv", dtype=str)
     test_patients = set(splits.patient_id[splits.split == "test"])

@@ -102,6 +102,10 @@ class IDCClassifier(L.LightningModule):
 
     def _evaluate_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
         probs = self.idc_probability(batch["image"]).float()
+        # The training loss on what is evaluated (with TTA, the averaged probability): comparable with train/loss.
+        log_probs = torch.stack([1 - probs, probs], dim=1).clamp_min(1e-7).log()
+        loss = F.nll_loss(log_probs, batch["label"], weight=self.loss_weights)
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(probs))
         self._outputs[split].append((probs, batch["label"], batch["index"]))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
