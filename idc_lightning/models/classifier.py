@@ -139,7 +139,8 @@ class IDCClassifier(L.LightningModule):
         probs, labels, index = self._gather("val")
         if len(probs) == 0:
             return
-        metrics = binary_metrics(probs, labels, float(self.val_threshold), ranking=True)
+        # At the fixed model.threshold, like test/f1: the threshold chosen below is fitted to these very patches.
+        metrics = binary_metrics(probs, labels, self.hparams.threshold, ranking=True)
         self.val_threshold.fill_(choose_threshold(probs, labels, self.hparams.threshold_method))
         logged = {f"val/{k}": metrics[k] for k in ("auroc", "f1", "bal_acc", "auprc")}
         logged["val/threshold"] = float(self.val_threshold)
@@ -148,9 +149,9 @@ class IDCClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         probs, labels, index = self._gather("test")
-        at_half = binary_metrics(probs, labels, 0.5)
+        at_fixed = binary_metrics(probs, labels, self.hparams.threshold)
         at_val = binary_metrics(probs, labels, float(self.val_threshold), ranking=False)
-        self.test_metrics = {f"test/{k}": float(v) for k, v in at_half.items()}
+        self.test_metrics = {f"test/{k}": float(v) for k, v in at_fixed.items()}
         self.test_metrics.update({f"test/{k}@val_thr": float(at_val[k])
                                   for k in ("f1", "bal_acc", "sensitivity", "specificity")})
         self.test_metrics["test/val_threshold"] = float(self.val_threshold)
