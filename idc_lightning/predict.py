@@ -53,7 +53,8 @@ def predict_patches(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModul
     rows = cache.rows
     probs = predict_tiles(trainer, model, tiles[rows["cache_index"].to_numpy()], normalise, cfg.predict.batch_size)
     predictions = rows[["patient_id", "x", "y", "label", "cache_index"]].assign(prob=probs)
-    predictions["label"] = predictions["label"].where(predictions["label"] != UNLABELLED).astype(float)
+    # Nullable integers: 0/1 in the CSV, empty for patches whose names carry no class.
+    predictions["label"] = predictions["label"].where(predictions["label"] != UNLABELLED).astype("Int64")
     return predictions, tiles
 
 
