@@ -27,17 +27,18 @@ from idc_lightning.slide import SLIDE_SUFFIXES, SlideReadError, tissue_tiles
 log = logging.getLogger(__name__)
 
 
-def _normalised_batch(positions: list[int], tiles: np.ndarray, normalise: BatchAugment) -> dict[str, torch.Tensor]:
-    images = torch.from_numpy(np.ascontiguousarray(tiles[np.asarray(positions)]))
+def _normalised_batch(indices: list[int], tiles: np.ndarray, normalise: BatchAugment) -> dict[str, torch.Tensor]:
+    images = torch.from_numpy(np.ascontiguousarray(tiles[np.asarray(indices)]))
     return {"image": normalise(images, train=False)}
 
 
-def predict_tiles(trainer: L.Trainer, model: L.LightningModule, tiles: np.ndarray, normalise: BatchAugment,
-                  batch_size: int) -> np.ndarray:
-    """P(IDC) for uint8 tiles [N, 50, 50, 3], through Lightning's predict loop (devices, precision, progress)."""
-    if len(tiles) == 0:
+def predict_tiles(trainer: L.Trainer, model: L.LightningModule, tiles: np.ndarray, indices: np.ndarray,
+                  normalise: BatchAugment, batch_size: int) -> np.ndarray:
+    """P(IDC) for tiles[indices] (uint8 [N, 50, 50, 3], e.g. the packed cache's memmap, read a batch at a time),
+    through Lightning's predict loop (devices, precision, progress bar)."""
+    if len(indices) == 0:
         return np.empty(0, np.float32)
-    loader = DataLoader(range(len(tiles)), batch_size=batch_size,
+    loader = DataLoader(indices.tolist(), batch_size=batch_size,
                         collate_fn=partial(_normalised_batch, tiles=tiles, normalise=normalise))
     return torch.cat(trainer.predict(model, dataloaders=loader)).float().numpy()
 
@@ -49,13 +50,13 @@ def predict_patches(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModul
     log.info("%s", report.summary())
     cache = build_cache(manifest, root, cfg.paths.cache_dir, patch_size=cfg.data.patch_size,
                         pad_value=cfg.data.pad_value, stain_norm=cfg.data.stain_norm)
-    tiles = cache.images
     rows = cache.rows
-    probs = predict_tiles(trainer, model, tiles[rows["cache_index"].to_numpy()], normalise, cfg.predict.batch_size)
+    probs = predict_tiles(trainer, model, cache.images, rows["cache_index"].to_numpy(), normalise,
+                          cfg.predict.batch_size)
     predictions = rows[["patient_id", "x", "y", "label", "cache_index"]].assign(prob=probs)
     # Nullable integers: 0/1 in the CSV, empty for patches whose names carry no class.
     predictions["label"] = predictions["label"].where(predictions["label"] != UNLABELLED).astype("Int64")
-    return predictions, tiles
+    return predictions, cache.images
 
 
 def predict_slide(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, normalise: BatchAugment,
@@ -71,7 +72,7 @@ def predict_slide(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule,
     if len(tiles) == 0:
         raise SlideReadError(f"{path}: no tile has {cfg.predict.min_tissue:.0%} tissue; is it an H&E slide? "
                              "Lower predict.min_tissue to keep fainter tiles")
-    probs = predict_tiles(trainer, model, tiles, normalise, cfg.predict.batch_size)
+    probs = predict_tiles(trainer, model, tiles, np.arange(len(tiles)), normalise, cfg.predict.batch_size)
     predictions = pd.DataFrame({"patient_id": path.stem, "x": xs, "y": ys, "prob": probs,
                                 "cache_index": np.arange(len(tiles))})
     return predictions, tiles
