@@ -28,8 +28,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = dict(run.model.test_metrics)
     if run.trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
-        metrics = publish_test_report(run.trainer, run.model.test_predictions, metrics, output_dir,
-                                      float(run.model.val_threshold))
+        metrics = publish_test_report(run.trainer, run.model, metrics, output_dir)
         log.info("Evaluated %s; run folder: %s", cfg.ckpt_path, output_dir)
     return metrics
 

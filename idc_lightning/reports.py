@@ -67,43 +67,48 @@ def write_curves(output_dir: Path, predictions: pd.DataFrame, threshold: float) 
 
 
 def write_test_report(output_dir: Path, predictions: pd.DataFrame, metrics: dict[str, float],
-                      threshold: float = 0.5) -> tuple[dict[str, float], list[Path]]:
+                      val_threshold: float = 0.5, threshold: float = 0.5) -> tuple[dict[str, float], list[Path]]:
     """predictions.parquet, patients.csv (+ the patient mean in the metrics), results.json and curve PNGs.
 
-    Returns the metrics with the patient means added, and the PNGs written.
+    Patient F1/balanced accuracy use the fixed `threshold`, as test/f1 does; the confusion matrix shows the
+    operating point chosen on validation. Returns the metrics with the patient means added, and the PNGs written.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     predictions[["patient_id", "x", "y", "label", "prob"]].to_parquet(output_dir / "predictions.parquet", index=False)
-    patients = patient_metrics(predictions, threshold=0.5)
+    patients = patient_metrics(predictions, threshold=threshold)
     patients.to_csv(output_dir / "patients.csv", index=False)
     metrics = dict(metrics)
     for column in ("auroc", "f1", "bal_acc"):
         metrics[f"test/patient_mean_{column}"] = float(patients[column].mean(skipna=True))
     write_results(output_dir / "results.json", metrics)
-    return metrics, write_curves(output_dir, predictions, threshold)
+    return metrics, write_curves(output_dir, predictions, val_threshold)
 
 
-def results_table(metrics: dict[str, float], output_dir: Path) -> Table:
+def results_table(metrics: dict[str, float], output_dir: Path, threshold: float = 0.5) -> Table:
     """The few numbers a run is judged by, at 0.5 and at the threshold chosen on validation."""
     table = Table(title=f"Test patients · run folder {output_dir}")
     table.add_column("threshold")
     names = ("auroc", "auprc", "f1", "bal_acc", "sensitivity", "specificity")
     for name in names:
         table.add_column(name, justify="right")
-    for label, suffix in (("0.5", ""), (f"val {metrics.get('test/val_threshold', math.nan):.3f}", "@val_thr")):
+    val_label = f"val {metrics.get('test/val_threshold', math.nan):.3f}"
+    for label, suffix in ((f"{threshold:g}", ""), (val_label, "@val_thr")):
         # AUROC and AUPRC do not depend on a threshold: the same value on both rows.
         values = [metrics.get(f"test/{name}" if name.startswith("au") else f"test/{name}{suffix}") for name in names]
         table.add_row(label, *("–" if v is None or math.isnan(v) else f"{v:.3f}" for v in values))
     return table
 
 
-def publish_test_report(trainer: L.Trainer, predictions: pd.DataFrame, metrics: dict[str, float],
-                        output_dir: Path, threshold: float) -> dict[str, float]:
-    """Rank 0 after testing: the report files, the figures and patient means to every logger, a console table."""
-    metrics, figures = write_test_report(output_dir, predictions, metrics, threshold)
+def publish_test_report(trainer: L.Trainer, model: L.LightningModule, metrics: dict[str, float],
+                        output_dir: Path) -> dict[str, float]:
+    """Rank 0 after testing `model` (an IDCClassifier): the report files, the figures and patient means to every
+    logger, a console table."""
+    threshold = float(model.hparams.threshold)
+    metrics, figures = write_test_report(output_dir, model.test_predictions, metrics, float(model.val_threshold),
+                                         threshold)
     log_images(trainer.loggers, "curves", figures, [figure.stem for figure in figures], trainer.global_step)
     patient_means = {k: v for k, v in metrics.items() if k.startswith("test/patient_mean_") and not math.isnan(v)}
     for logger in trainer.loggers:
         logger.log_metrics(patient_means, step=trainer.global_step)
-    Console().print(results_table(metrics, output_dir))
+    Console().print(results_table(metrics, output_dir, threshold))
     return metrics

@@ -51,8 +51,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
         if cfg.test:
-            metrics = publish_test_report(trainer, run.model.test_predictions, metrics, output_dir,
-                                          float(run.model.val_threshold))
+            metrics = publish_test_report(trainer, run.model, metrics, output_dir)
         else:
             write_results(output_dir / "results.json", metrics)
         log.info("Run folder: %s", output_dir)
