@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader
 
 from idc_lightning.builders import print_config_tree
 from idc_lightning.checkpoints import load_weights
+from idc_lightning.data.augment_config import AugmentConfig
 from idc_lightning.data.cache import build_cache
 from idc_lightning.data.device_augment import BatchAugment
 from idc_lightning.data.manifest import UNLABELLED, build_manifest
-from idc_lightning.data.transforms import AugmentConfig
 from idc_lightning.heatmap import write_patient_heatmaps
 from idc_lightning.slide import SLIDE_SUFFIXES, SlideReadError, tissue_tiles
 

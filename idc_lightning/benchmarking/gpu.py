@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from idc_lightning.benchmarking.report import Row
+from idc_lightning.data.augment_config import AugmentConfig
 from idc_lightning.data.cache import PatchCache
 from idc_lightning.data.datasets import PatchBatchDataset, PatchDataset, keep_batch
 from idc_lightning.data.device_augment import BatchAugment
-from idc_lightning.data.transforms import AugmentConfig, train_transform
+from idc_lightning.data.transforms import train_transform
 from idc_lightning.models.classifier import IDCClassifier
 
 

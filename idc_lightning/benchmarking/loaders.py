@@ -17,10 +17,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from idc_lightning.benchmarking.memory import PeakMemory, tree_memory_mib
 from idc_lightning.benchmarking.report import Row
+from idc_lightning.data.augment_config import AugmentConfig
 from idc_lightning.data.cache import PatchCache
 from idc_lightning.data.datasets import PatchBatchDataset, PatchDataset, keep_batch
 from idc_lightning.data.device_augment import BatchAugment
-from idc_lightning.data.transforms import PATCH_SIZE, AugmentConfig, train_transform
+from idc_lightning.data.transforms import train_transform
+from idc_lightning.preprocessing import PATCH_SIZE
 
 LOADER_BATCH = 256
 LOADER_WORKERS = 2

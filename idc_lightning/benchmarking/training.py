@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from idc_lightning.benchmarking.report import Row
+from idc_lightning.data.augment_config import AugmentConfig
 from idc_lightning.data.cache import PatchCache
 from idc_lightning.data.datasets import PatchBatchDataset
 from idc_lightning.data.device_augment import BatchAugment
-from idc_lightning.data.transforms import AugmentConfig
 from idc_lightning.models.classifier import IDCClassifier
 
 TRAIN_BATCH = 64

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from idc_lightning.data.augment_config import AugmentConfig
 from idc_lightning.data.cache import IMAGES_FILE, PatchCache, build_cache
 from idc_lightning.data.datasets import PatchBatchDataset, PatchDataset, keep_batch
 from idc_lightning.data.device_augment import BatchAugment
@@ -23,7 +24,7 @@ from idc_lightning.data.gpu_resident import ResidentBatches, fits_on_device
 from idc_lightning.data.manifest import UNLABELLED, ManifestReport, build_manifest
 from idc_lightning.data.splits import SPLITS, check_split, read_split_file, split_patients, split_summary
 from idc_lightning.data.synthetic import SyntheticSlides
-from idc_lightning.data.transforms import AugmentConfig, eval_transform, train_transform
+from idc_lightning.data.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 

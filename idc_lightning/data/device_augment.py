@@ -17,19 +17,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from idc_lightning.data.augment_config import AugmentConfig
 from idc_lightning.data.stain import hed_jitter
-from idc_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE, AugmentConfig
+from idc_lightning.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
 
 # ITU-R BT.601 luma, as OpenCV's RGB2GRAY in albumentations' contrast and saturation.
 LUMA = (0.299, 0.587, 0.114)
-
-
-def dihedral(images: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th (0..7) element of D4 on the last two dims: k % 4 quarter turns, then a mirror if k >= 4."""
-    if not 0 <= k < 8:
-        raise ValueError(f"dihedral index must be in 0..7, got {k}")
-    rotated = torch.rot90(images, k % 4, dims=(-2, -1))
-    return rotated.flip(-1) if k >= 4 else rotated
 
 
 def _per_image(values: torch.Tensor) -> torch.Tensor:
@@ -66,7 +59,7 @@ def _where_chosen(images: torch.Tensor, chosen: torch.Tensor, transform: _Transf
 
 
 # The 8 elements of D4 as (flipped dims, then transpose?): each costs at most one copy, where composing
-# `dihedral`'s quarter turns and mirror costs up to two.
+# `symmetry.dihedral`'s quarter turns and mirror costs up to two.
 _D4 = [(flips, transpose) for transpose in (False, True) for flips in ((), (-1,), (-2,), (-2, -1))]
 
 

@@ -7,7 +7,6 @@ Order: dihedral -> HED jitter (staining) -> colour jitter (scanner/camera) -> re
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import albumentations as A
@@ -16,34 +15,9 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
+from idc_lightning.data.augment_config import AugmentConfig
 from idc_lightning.data.stain import hed_jitter
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-PATCH_SIZE = 50
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentation strengths, shared by the CPU and device paths."""
-
-    dihedral: bool = True  # the 8 flips/90-degree rotations: histology has no orientation
-    brightness: float = 0.1  # ColorJitter-style factor ranges [1-b, 1+b]
-    contrast: float = 0.1
-    saturation: float = 0.1
-    hue: float = 0.04  # hue shift in fraction of a turn, [-h, h]
-    hed_jitter: float = 0.0  # H&E stain jitter strength sigma (0 = off: on the CPU path it doubles the cost)
-
-    def __post_init__(self) -> None:
-        for name in ("brightness", "contrast", "saturation", "hue", "hed_jitter"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
-        if self.hue > 0.5:
-            raise ValueError(f"augment.hue is a fraction of a turn and must be <= 0.5, got {self.hue}")
-
-    @property
-    def color_jitter(self) -> bool:
-        return any((self.brightness, self.contrast, self.saturation, self.hue))
+from idc_lightning.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
 
 
 class HEDJitter(A.ImageOnlyTransform):

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import BinaryAUROC
 
-from idc_lightning.data.device_augment import dihedral
 from idc_lightning.metrics import binary_metrics, choose_threshold
 from idc_lightning.models.backbone import build_resnet18
+from idc_lightning.symmetry import dihedral
 
 log = logging.getLogger(__name__)
 

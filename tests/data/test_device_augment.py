@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from idc_lightning.data import device_augment
-from idc_lightning.data.device_augment import BatchAugment, dihedral
-from idc_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, eval_transform, train_transform
+from idc_lightning.data.augment_config import AugmentConfig
+from idc_lightning.data.device_augment import BatchAugment
+from idc_lightning.data.transforms import eval_transform, train_transform
+from idc_lightning.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from idc_lightning.symmetry import dihedral
 
 REAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "idc_real"
 NO_JITTER = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from idc_lightning.data.transforms import AugmentConfig, HEDJitter, eval_transform, train_transform
+from idc_lightning.data.augment_config import AugmentConfig
+from idc_lightning.data.transforms import HEDJitter, eval_transform, train_transform
 
 
 def _patch(height: int = 50, width: int = 50) -> np.ndarray:

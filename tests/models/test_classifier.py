@@ -9,9 +9,9 @@ import torch
 from torchvision.models import resnet18
 
 import idc_lightning.models.backbone as backbone
-from idc_lightning.data.device_augment import dihedral
 from idc_lightning.models.backbone import PretrainedWeightsError, build_resnet18, imagenet_checkpoint_path
 from idc_lightning.models.classifier import IDCClassifier
+from idc_lightning.symmetry import dihedral
 
 
 def classifier(**kwargs) -> IDCClassifier:
