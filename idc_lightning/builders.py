@@ -39,9 +39,10 @@ def instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def build_run(cfg: DictConfig, **model_overrides: object) -> Run:
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, **model_overrides)
+def build_run(cfg: DictConfig, model: IDCClassifier | None = None, **data_settings: object) -> Run:
+    """Train builds the model from cfg.model; eval passes the checkpoint's, with its data settings."""
+    datamodule = instantiate(cfg.data, **data_settings)
+    model = model if model is not None else instantiate(cfg.model)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -1,4 +1,8 @@
-"""python -m idc_lightning.eval ckpt_path=PATH [data overrides]: re-evaluate a checkpoint on the test split."""
+"""python -m idc_lightning.eval ckpt_path=PATH [data.root=...]: test a checkpoint on patients it has never seen.
+
+The model, its preprocessing and its operating point come from the checkpoint; the test patients are every labelled
+patient under data.root that the checkpoint did not train or validate on (or data.split_file's test rows).
+"""
 
 from __future__ import annotations
 
@@ -10,20 +14,23 @@ import lightning as L
 from omegaconf import DictConfig
 
 from idc_lightning.builders import build_run, log_config, print_config_tree
-from idc_lightning.checkpoints import load_weights
-from idc_lightning.reports import publish_test_report
+from idc_lightning.checkpoints import preprocessing_settings, read_checkpoint
+from idc_lightning.evaluation.report import publish_test_report
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
-    # The checkpoint carries every weight: never download ImageNet weights just to overwrite them.
-    run = build_run(cfg, pretrained=False)
-    load_weights(run.model, cfg.ckpt_path)
+    checkpoint = read_checkpoint(cfg.ckpt_path)
+    settings = preprocessing_settings(cfg.data, checkpoint, cfg.allow_preprocessing_change)
+    run = build_run(cfg, checkpoint.model(), seen_patients=checkpoint.seen_patients, **settings)
     if run.trainer.is_global_zero and cfg.extras.print_config:
         print_config_tree(cfg)
     log_config(run, cfg)
+    log.info("%s: operating point %s (%s on %s), trained on %d patients", checkpoint.path,
+             f"{checkpoint.operating_point.threshold:.4f}", checkpoint.operating_point.method,
+             checkpoint.operating_point.chosen_on, len(checkpoint.patients.get("train", [])))
     run.trainer.test(run.model, datamodule=run.datamodule)
     metrics = dict(run.model.test_metrics)
     if run.trainer.is_global_zero:

@@ -10,7 +10,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from idc_lightning.builders import build_run, log_config, print_config_tree, wandb_sync_hints
-from idc_lightning.reports import publish_test_report, write_results
+from idc_lightning.evaluation.report import publish_test_report, write_results
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,8 @@ def compose_config(config_name: str, output_dir: Path, data_dir: Path, overrides
             *tiny,
             "data.num_workers=0",
             "data.batch_size=32",
-            "model.pretrained=false",
+            # eval and predict take the model from the checkpoint: only train has a model group.
+            *(["model.pretrained=false"] if config_name == "train" else []),
             "trainer.accelerator=cpu",
             "extras.print_config=false",
             f"paths.data_dir={data_dir}",
@@ -73,3 +74,15 @@ def make_cfg(tiny_data_dir: Path, tmp_path: Path):
         return compose_config(config_name, output_dir or tmp_path / "run", tiny_data_dir, list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint written by a real (two-batch) training run on the tiny set: self-describing, as users get."""
+    from idc_lightning.train import train
+
+    run = tmp_path_factory.mktemp("trained")
+    train(compose_config("train", run, tiny_data_dir, ["trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                                                       "callbacks.heatmap=null", "test=false"]))
+    return next((run / "checkpoints").glob("epoch_*.ckpt"))
+

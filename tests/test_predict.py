@@ -13,7 +13,6 @@ import pytest
 import tifffile
 import torch
 from conftest import REPO, TINY, compose_config
-from hydra.utils import instantiate
 
 from idc_lightning.checkpoints import CheckpointError
 from idc_lightning.data.manifest import build_manifest
@@ -24,13 +23,8 @@ DATASET = f"synthetic_p{TINY['num_patients']}_s{TINY['seed']}/IDC_regular_ps50_i
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Random weights are enough: predictions differ per patch, which is all these tests compare."""
-    folder = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    model = instantiate(compose_config("train", folder, tiny_data_dir).model)
-    torch.save({"state_dict": model.state_dict()}, folder / "model.ckpt")
-    return folder / "model.ckpt"
+def checkpoint(trained_checkpoint: Path) -> Path:
+    return trained_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +150,8 @@ def test_bad_inputs_fail_with_clear_errors(tiny_data_dir: Path, tmp_path: Path, 
 @pytest.mark.slow
 def test_predict_cli(tiny_data_dir: Path, tmp_path: Path, checkpoint: Path, patient: Path) -> None:
     command = [sys.executable, "-m", "idc_lightning.predict", f"ckpt_path={checkpoint}", f"input={patient}",
-               "model.pretrained=false", "extras.print_config=false", f"paths.cache_dir={tmp_path / 'cache'}",
-               f"hydra.run.dir={tmp_path / 'run'}", "model.tta=true"]
+               "extras.print_config=false", f"paths.cache_dir={tmp_path / 'cache'}",
+               f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(pd.read_csv(tmp_path / "run" / "predictions.csv")) == len(list(patient.rglob("*.png")))

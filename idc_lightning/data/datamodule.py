@@ -1,13 +1,17 @@
-"""IDCDataModule: files → manifest → patient split → packed cache → loaders (thin shell over plain functions)."""
+"""IDCDataModule: files → manifest → patient split → packed cache → loaders (thin shell over plain functions).
+
+Its checkpoint state (`state_dict`) is the data side of a self-describing checkpoint: the preprocessing the model
+was trained with, the patients of each split and a fingerprint of the manifest, read back by eval and predict.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import lightning as L
 import numpy as np
 import pandas as pd
@@ -22,15 +26,31 @@ from idc_lightning.data.datasets import PatchBatchDataset, PatchDataset, keep_ba
 from idc_lightning.data.device_augment import BatchAugment
 from idc_lightning.data.gpu_resident import ResidentBatches, fits_on_device
 from idc_lightning.data.manifest import UNLABELLED, ManifestReport, build_manifest
-from idc_lightning.data.splits import SPLITS, check_split, read_split_file, split_patients, split_summary
-from idc_lightning.data.synthetic import SyntheticSlides
+from idc_lightning.data.splits import (
+    SPLITS,
+    SplitError,
+    check_split,
+    read_split_file,
+    split_patients,
+    split_summary,
+    unseen_patients_split,
+)
+from idc_lightning.data.stain import MACENKO_REFERENCE
+from idc_lightning.data.synthetic import SyntheticSlides, TruthMasks
 from idc_lightning.data.transforms import eval_transform, train_transform
+from idc_lightning.interfaces import TruthSource
+from idc_lightning.preprocessing import IMAGENET_MEAN, IMAGENET_STD, KAGGLE_MICRONS_PER_PIXEL, PATCH_SIZE, Preprocessing
 
 log = logging.getLogger(__name__)
 
 
 class IDCDataModule(L.LightningDataModule):
-    """Kaggle-layout IDC patches, split by patient, served from a uint8 memmap."""
+    """Kaggle-layout IDC patches, split by patient, served from a uint8 memmap.
+
+    `seen_patients` is for evaluating a trained model: the patients its checkpoint trained and validated on. Then
+    every other labelled patient under `root` is a test patient (on the training tree, exactly the run's test
+    split; on a new cohort, all of it), and a `split_file` whose test patients include a seen one is an error.
+    """
 
     def __init__(
         self,
@@ -47,19 +67,21 @@ class IDCDataModule(L.LightningDataModule):
         fold: int = 0,
         split_seed: int = 0,
         split_file: str | Path | None = None,
-        patch_size: int = 50,
+        patch_size: int = PATCH_SIZE,
         pad_value: int = 255,
         stain_norm: str | None = None,
+        microns_per_pixel: float = KAGGLE_MICRONS_PER_PIXEL,
         decode_workers: int | None = None,
-        image_size: int = 50,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        image_size: int = PATCH_SIZE,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
         augment: dict[str, Any] | None = None,
         augment_on: str = "cpu",
         loader: str = "dataloader",
         sampler: str = "random",
-        mask_dir: str | Path | None = None,
+        seed: int = 0,
         synthetic: SyntheticSlides | None = None,
+        seen_patients: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if augment_on not in ("cpu", "device"):
@@ -68,6 +90,8 @@ class IDCDataModule(L.LightningDataModule):
             raise ValueError(f"data.loader={loader!r}: use dataloader or gpu_resident")
         if sampler not in ("random", "balanced"):
             raise ValueError(f"data.sampler={sampler!r}: use random or balanced")
+        # Lightning stores these in every checkpoint (datamodule_hyper_parameters); the generator is no setting.
+        self.save_hyperparameters(ignore=["synthetic", "seen_patients"])
         self.root = Path(root)
         self.cache_dir = Path(cache_dir)
         self.output_dir = Path(output_dir) if output_dir else None
@@ -78,53 +102,82 @@ class IDCDataModule(L.LightningDataModule):
         self.split_options = {"val_fraction": val_fraction, "test_fraction": test_fraction,
                               "num_folds": num_folds, "fold": fold, "seed": split_seed}
         self.split_file = split_file
-        self.cache_options = {"patch_size": patch_size, "pad_value": pad_value, "stain_norm": stain_norm,
-                              "workers": decode_workers}
-        self.image_size = image_size
-        self.mean, self.std = tuple(mean), tuple(std)
+        reference = MACENKO_REFERENCE if stain_norm == "macenko" else None
+        self.preprocessing = Preprocessing(
+            patch_size=patch_size, image_size=image_size, mean=tuple(mean), std=tuple(std), pad_value=pad_value,
+            stain_norm=stain_norm, microns_per_pixel=microns_per_pixel,
+            stain_vectors=() if reference is None else tuple(map(tuple, reference.stain_vectors.tolist())),
+            max_concentrations=() if reference is None else tuple(reference.max_concentrations.tolist()),
+        )
+        self.decode_workers = decode_workers
         self.augment = AugmentConfig(**(augment or {}))
         # gpu_resident batches are raw uint8 on the device: augmentation has to happen there too.
         self.augment_on = "device" if loader == "gpu_resident" else augment_on
         self.loader = loader
         self.sampler = sampler
-        self.mask_dir = Path(mask_dir) if mask_dir else None
+        self.seed = seed
         self.synthetic = synthetic
-        self.batch_augment = BatchAugment(self.augment, image_size, self.mean, self.std)
+        self.seen_patients = None if seen_patients is None else {str(p) for p in seen_patients}
+        self.truth: TruthSource | None = TruthMasks(self.root.parent, patch_size) if synthetic is not None else None
+        self.batch_augment = BatchAugment(self.augment, image_size, self.preprocessing.mean, self.preprocessing.std)
         self.report: ManifestReport | None = None
         self.cache: PatchCache | None = None
         self.split: pd.DataFrame | None = None
         self.frames: dict[str, pd.DataFrame] = {}
 
     def prepare_data(self) -> None:
+        """Once per node, before setup: generate the synthetic slides if configured, then scan and pack."""
+        if self.synthetic is not None:
+            self.synthetic.ensure(self.root.parent)
         self._build_cache()
 
     def _build_cache(self) -> PatchCache:
-        if self.synthetic is not None:
-            self.synthetic.ensure(self.root.parent)
         manifest, self.report = build_manifest(self.root, self.cache_dir)
-        return build_cache(manifest, self.root, self.cache_dir, **self.cache_options)
+        pre = self.preprocessing
+        return build_cache(manifest, self.root, self.cache_dir, patch_size=pre.patch_size, pad_value=pre.pad_value,
+                           stain_norm=pre.stain_norm, workers=self.decode_workers)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.cache is not None:
+        if self.cache is None:
+            self.cache = self._build_cache()
+        if stage == "predict":
+            # Every patch, labelled or not: new slides may carry no class in their names.
+            self.frames["predict"] = self.cache.rows.reset_index(drop=True)
             return
-        self.cache = self._build_cache()
+        if self.split is not None:
+            return
         rows = self.cache.rows
         unlabelled = rows["label"] == UNLABELLED
         if unlabelled.any():
             log.warning("%d patches have no class in their name: usable by predict only, left out of the splits",
                         int(unlabelled.sum()))
             rows = rows[~unlabelled]
-        if self.split_file:
-            self.split = read_split_file(self.split_file, rows)
-        else:
-            self.split = split_patients(rows, **self.split_options)
+        self.split = self._split(rows)
         summary = split_summary(rows, self.split)
-        check_split(summary)
+        check_split(summary, required=("test",) if self.seen_patients is not None else ("train", "val", "test"))
         joined = rows.merge(self.split, on="patient_id")
         self.frames = {name: joined[joined["split"] == name].reset_index(drop=True) for name in SPLITS}
         if self._is_global_zero():
             self._write_split()
             self._print_summary(summary)
+
+    def _split(self, rows: pd.DataFrame) -> pd.DataFrame:
+        evaluating = self.seen_patients is not None
+        if self.split_file:
+            split = read_split_file(self.split_file, rows, required=("test",) if evaluating else SPLITS)
+        elif evaluating:
+            return unseen_patients_split(rows, self.seen_patients)
+        else:
+            return split_patients(rows, **self.split_options)
+        if evaluating:
+            leaked = sorted(self.seen_patients & set(split.loc[split["split"] == "test", "patient_id"]))
+            if leaked:
+                raise SplitError(
+                    f"data.split_file={self.split_file} tests on {len(leaked)} patient(s) the checkpoint was trained "
+                    f"or validated on: {leaked[:20]}. Their metrics would be inflated; remove them from the test rows "
+                    "or drop data.split_file to test every patient the model has not seen"
+                )
+        return split
 
     def _is_global_zero(self) -> bool:
         return self.trainer is None or self.trainer.is_global_zero
@@ -151,24 +204,51 @@ class IDCDataModule(L.LightningDataModule):
         """Manifest rows (patient_id, x, y, label, path, cache_index) of one split, in loader order."""
         return self.frames[split]
 
-    @property
-    def class_weights(self) -> torch.Tensor:
-        """Inverse class frequency of the training split, normalised so a balanced set gives [1, 1]."""
+    def patients(self) -> dict[str, list[str]]:
+        """The patient ids of each split."""
+        return {name: sorted(self.split.loc[self.split["split"] == name, "patient_id"].astype(str)) for name in SPLITS}
+
+    def manifest_fingerprint(self) -> str:
+        """Hash of the training and validation rows (patient, x, y, label): the data a checkpoint was fitted to."""
+        rows = pd.concat([self.frames["train"], self.frames["val"]])[["patient_id", "x", "y", "label"]]
+        rows = rows.sort_values(["patient_id", "y", "x"]).astype({"patient_id": str})
+        return hashlib.sha1(pd.util.hash_pandas_object(rows, index=False).values.tobytes()).hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved by Lightning in every checkpoint: what eval and predict must reuse to see what training saw."""
+        if self.split is None:
+            return {}
+        return {"preprocessing": self.preprocessing.to_dict(), "patients": self.patients(),
+                "manifest_fingerprint": self.manifest_fingerprint()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resuming or testing a checkpoint with other patients or preprocessing would mix two experiments."""
+        if not state_dict or self.split is None:
+            return
+        saved = Preprocessing.from_dict(state_dict["preprocessing"])
+        changed = saved.differences(self.preprocessing)
+        if changed:
+            raise ValueError(f"The checkpoint was trained with other preprocessing: {changed} (checkpoint, config)")
+        mine = self.patients()
+        moved = {name: sorted(set(state_dict["patients"][name]) ^ set(mine[name])) for name in SPLITS}
+        if any(moved.values()):
+            raise SplitError(
+                f"The checkpoint's patient split differs from this run's (patients that changed split: "
+                f"{ {k: v[:10] for k, v in moved.items() if v} }); resume on the same data.root and split settings"
+            )
+
+    def balancing_class_weights(self) -> torch.Tensor:
+        """Inverse class frequency of the training split, normalised so a balanced set gives [1, 1]; [1, 1] when the
+        balanced sampler already evens the classes out (weighting as well would correct the imbalance twice)."""
+        if self.sampler == "balanced":
+            log.info("data.sampler=balanced already evens out the classes: inverse-frequency loss weights are off")
+            return torch.ones(2)
         counts = np.bincount(self.frames["train"]["label"].to_numpy(), minlength=2).astype(np.float64)
         return torch.tensor(counts.sum() / (2.0 * np.maximum(counts, 1.0)), dtype=torch.float32)
 
     def patches(self, cache_index: np.ndarray) -> np.ndarray:
         """Pixels of the given cache rows (for heatmap thumbnails)."""
         return np.asarray(self.cache.images[np.asarray(cache_index, dtype=np.int64)])
-
-    def truth_for(self, patient_id: str, frame: pd.DataFrame) -> np.ndarray | None:
-        """Per-row ground truth from the patient's IDC mask (generated slides only), else None."""
-        if self.mask_dir is None or not (self.mask_dir / f"{patient_id}.png").is_file():
-            return None
-        mask = cv2.imread(str(self.mask_dir / f"{patient_id}.png"), cv2.IMREAD_GRAYSCALE) > 127
-        size = self.cache_options["patch_size"]
-        cells = zip(frame["x"], frame["y"], strict=True)
-        return np.array([mask[y : y + size, x : x + size].mean() > 0.5 for x, y in cells])
 
     def _dataloader(self, split: str, train: bool) -> DataLoader | ResidentBatches:
         frame = self.frames[split]
@@ -183,12 +263,13 @@ class IDCDataModule(L.LightningDataModule):
             labels = frame["label"].to_numpy()
             weights = 1.0 / np.bincount(labels, minlength=2)[labels]
             sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(frame))
+        pre = self.preprocessing
         if self.augment_on == "device":
             dataset = PatchBatchDataset(images_path, shape, frame)
             collate = keep_batch
         else:
-            transform = (train_transform(self.augment, self.image_size, self.mean, self.std) if train
-                         else eval_transform(self.image_size, self.mean, self.std))
+            transform = (train_transform(self.augment, pre.image_size, pre.mean, pre.std) if train
+                         else eval_transform(pre.image_size, pre.mean, pre.std))
             dataset = PatchDataset(images_path, shape, frame, transform)
             collate = None
         return DataLoader(
@@ -216,7 +297,7 @@ class IDCDataModule(L.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer else 0
         return ResidentBatches(images, labels, self.batch_size, shuffle=train,
                                balanced=train and self.sampler == "balanced", drop_last=train,
-                               rank=rank, world_size=world_size, seed=self.split_options["seed"])
+                               rank=rank, world_size=world_size, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader | ResidentBatches:
         return self._dataloader("train", train=True)
@@ -226,6 +307,9 @@ class IDCDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | ResidentBatches:
         return self._dataloader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader | ResidentBatches:
+        return self._dataloader("predict", train=False)
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
         """Device-side augmentation: uint8 NHWC in, normalised float NCHW out, on whatever device the batch is."""

@@ -134,16 +134,18 @@ def split_summary(manifest: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def check_split(summary: pd.DataFrame) -> list[str]:
-    """Empty splits are errors; single-class splits are warnings (AUROC undefined there, not a crash)."""
-    empty = [name for name in ("train", "test") if summary.loc[name, "patches"] == 0]
+def check_split(summary: pd.DataFrame, required: tuple[str, ...] = ("train", "val", "test")) -> list[str]:
+    """Empty required splits are errors; single-class splits are warnings (AUROC undefined there, not a crash).
+
+    Training needs train, val (the checkpoint and the operating point are chosen there) and test; evaluating a
+    trained model needs test only.
+    """
+    empty = [name for name in required if summary.loc[name, "patches"] == 0]
     if empty:
         raise SplitError(f"split(s) {empty} have no patches; check data.split_file or the patient count")
     warnings = []
     for row in summary.itertuples():
-        if row.patches == 0:
-            warnings.append(f"split '{row.Index}' is empty")
-        elif row.positives in (0, row.patches):
+        if row.patches and row.positives in (0, row.patches):
             kind = "IDC-positive" if row.positives == 0 else "IDC-negative"
             warnings.append(
                 f"split '{row.Index}' has no {kind} patch ({row.patches} patches of {row.patients} patients): "
@@ -152,3 +154,14 @@ def check_split(summary: pd.DataFrame) -> list[str]:
     for warning in warnings:
         log.warning(warning)
     return warnings
+
+
+def unseen_patients_split(manifest: pd.DataFrame, seen: set[str]) -> pd.DataFrame:
+    """Every patient not in `seen` (a checkpoint's training and validation patients) is a test patient."""
+    patients = sorted(set(manifest["patient_id"].astype(str)) - set(seen))
+    if not patients:
+        raise SplitError(
+            f"every labelled patient under data.root ({manifest['patient_id'].nunique()}) was used to train or "
+            "validate this checkpoint: there is nothing unseen to test on; point data.root at other patients"
+        )
+    return pd.DataFrame({"patient_id": patients, "split": "test"})

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 
 from idc_lightning.data.slide_painter import PATCH, cell_share, render_slide
 
@@ -168,6 +169,25 @@ def read_truth_mask(out_dir: Path, patient_id: str) -> np.ndarray:
     if mask is None:
         raise FileNotFoundError(f"No truth mask for patient {patient_id} at {path}: is {out_dir} a synthetic set?")
     return mask > 127
+
+
+@dataclass(frozen=True)
+class TruthMasks:
+    """Per-patch ground truth from a synthetic set's annotated masks: what the heatmaps' Dice is measured on.
+
+    A patch is truly IDC when most of its pixels lie inside the annotated region, the rule its label follows too.
+    """
+
+    out_dir: Path
+    patch_size: int = PATCH
+
+    def __call__(self, patient_id: str, frame: pd.DataFrame) -> np.ndarray | None:
+        if not (Path(self.out_dir) / MASKS / f"{patient_id}.png").is_file():
+            return None
+        mask = read_truth_mask(self.out_dir, patient_id)
+        size = self.patch_size
+        cells = zip(frame["x"], frame["y"], strict=True)
+        return np.array([mask[y : y + size, x : x + size].mean() > 0.5 for x, y in cells], dtype=bool)
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import BinaryAUROC
 
-from idc_lightning.metrics import binary_metrics, choose_threshold
+from idc_lightning import __version__
+from idc_lightning.evaluation.metrics import binary_metrics
+from idc_lightning.evaluation.operating_point import OperatingPoint, choose_threshold
+from idc_lightning.interfaces import PatchSource
 from idc_lightning.models.backbone import build_resnet18
 from idc_lightning.symmetry import dihedral
 
@@ -21,6 +25,9 @@ log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
+# The checkpoint entry this model adds beside Lightning's own: what eval, predict and heatmaps must reuse.
+RUN_KEY = "idc_lightning"
+VAL_THR_METRICS = ("f1", "bal_acc", "sensitivity", "specificity")
 
 
 def _cuda_fast_path() -> bool:
@@ -29,11 +36,15 @@ def _cuda_fast_path() -> bool:
 
 class IDCClassifier(L.LightningModule):
     """Two logits with softmax cross-entropy, so per-class weights act exactly as in weighted CE and
-    the head is a drop-in torchvision classifier; the IDC probability is softmax[:, 1]."""
+    the head is a drop-in torchvision classifier; the IDC probability is softmax[:, 1].
+
+    `IDCClassifier.load_from_checkpoint(path)` needs no argument and downloads nothing: the checkpoint records
+    `pretrained=False` (its weights replace any initialisation) and the validation operating point.
+    """
 
     def __init__(
         self,
-        optimizer: OptimizerFactory,
+        optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         pretrained: bool | str = True,
         adapt_stem: bool = False,
@@ -56,13 +67,16 @@ class IDCClassifier(L.LightningModule):
         self.channels_last = _cuda_fast_path() if channels_last == "auto" else bool(channels_last)
         self.compile_backbone = _cuda_fast_path() if compile == "auto" else bool(compile)
         self.register_buffer("loss_weights", torch.ones(2))
-        # Chosen on validation, saved in checkpoints so eval/predict reuse the operating point.
-        self.register_buffer("val_threshold", torch.tensor(threshold))
+        # Until validation chooses one (and in checkpoints after it): the fixed threshold.
+        self.operating_point = OperatingPoint(threshold=threshold)
         self.train_auroc = BinaryAUROC(thresholds=200)
         self._outputs: dict[str, list[tuple[torch.Tensor, ...]]] = {"val": [], "test": []}
-        self.val_predictions: pd.DataFrame | None = None
-        self.test_predictions: pd.DataFrame | None = None
+        self.predictions: dict[str, pd.DataFrame] = {}
         self.test_metrics: dict[str, float] = {}
+
+    @property
+    def fixed_threshold(self) -> float:
+        return float(self.hparams.threshold)
 
     def configure_model(self) -> None:
         if self.channels_last:
@@ -70,13 +84,21 @@ class IDCClassifier(L.LightningModule):
         if self.compile_backbone and not hasattr(self.backbone, "_orig_mod"):
             self.backbone = torch.compile(self.backbone)
 
+    def _patch_source(self) -> PatchSource:
+        source = self.trainer.datamodule
+        if not isinstance(source, PatchSource):
+            raise TypeError(f"IDCClassifier needs a datamodule with split_frame, patches, truth and "
+                            f"balancing_class_weights (interfaces.PatchSource); got {type(source).__name__}")
+        return source
+
     def setup(self, stage: str) -> None:
         weights = self.hparams.class_weights
-        if weights == "inverse_freq" and stage == "fit":
-            self.loss_weights.copy_(self.trainer.datamodule.class_weights)
-        elif isinstance(weights, Sequence) and not isinstance(weights, str):
+        if isinstance(weights, Sequence) and not isinstance(weights, str):
             self.loss_weights.copy_(torch.as_tensor(list(weights), dtype=torch.float32))
-        elif weights not in (None, "none", "inverse_freq"):
+        elif weights == "inverse_freq":
+            if stage == "fit":
+                self.loss_weights.copy_(self._patch_source().balancing_class_weights())
+        elif weights not in (None, "none"):
             raise ValueError(f"model.class_weights={weights!r}: use inverse_freq, none or [w0, w1]")
         if stage == "fit":
             log.info("Cross-entropy class weights: %s", self.loss_weights.tolist())
@@ -91,6 +113,27 @@ class IDCClassifier(L.LightningModule):
         if not self.hparams.tta:
             return self(images).softmax(dim=1)[:, 1]
         return torch.stack([self(dihedral(images, k)).softmax(dim=1)[:, 1] for k in range(8)]).mean(dim=0)
+
+    def _backbone_frozen(self) -> bool:
+        return self._trainer is not None and self.trainer.current_epoch < self.hparams.freeze_backbone_epochs
+
+    def train(self, mode: bool = True) -> IDCClassifier:
+        """Lightning switches to train mode at every epoch and after every validation: a frozen backbone stays in
+        eval mode throughout, so BatchNorm's running statistics are frozen with its weights."""
+        super().train(mode)
+        if mode and self._backbone_frozen():
+            self.backbone.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        self.train()
+
+    def on_after_backward(self) -> None:
+        # Gradients are still computed and all-reduced (DDP needs every parameter used); dropping them makes the
+        # optimizer skip the backbone, weight decay included, without toggling requires_grad under DDP.
+        if self._backbone_frozen():
+            for parameter in self.backbone.parameters():
+                parameter.grad = None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
@@ -114,56 +157,67 @@ class IDCClassifier(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate_step("test", batch)
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.idc_probability(batch["image"])
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"prob": self.idc_probability(batch["image"]).float(), "index": batch["index"]}
 
-    def _gather(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _gather(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predictions of every rank, each patch once (DistributedSampler pads ranks with repeats)."""
         outputs = self._outputs[split]
         self._outputs[split] = []
         if not outputs:
-            empty = torch.empty(0, device=self.device)
-            return empty, empty.long(), empty.long()
+            return np.empty(0, np.float32), np.empty(0, np.int64), np.empty(0, np.int64)
         probs, labels, index = (torch.cat(parts) for parts in zip(*outputs, strict=True))
         if self.trainer.world_size > 1:
             probs, labels, index = (self.all_gather(t).flatten() for t in (probs, labels, index))
         index, first = _first_occurrence(index)
-        return probs[first].cpu(), labels[first].cpu(), index.cpu()
+        return probs[first].cpu().numpy(), labels[first].cpu().numpy(), index.cpu().numpy()
 
-    def _predictions_frame(self, split: str, probs: torch.Tensor, index: torch.Tensor) -> pd.DataFrame:
-        frame = self.trainer.datamodule.split_frame(split).iloc[index.numpy()]
+    def _predictions_frame(self, split: str, probs: np.ndarray, index: np.ndarray) -> pd.DataFrame:
+        frame = self._patch_source().split_frame(split).iloc[index]
         columns = ["patient_id", "x", "y", "label", "cache_index"]
-        return frame[columns].assign(prob=probs.numpy()).reset_index(drop=True)
+        return frame[columns].assign(prob=probs).reset_index(drop=True)
 
     def on_validation_epoch_end(self) -> None:
         probs, labels, index = self._gather("val")
         if len(probs) == 0:
             return
-        # At the fixed model.threshold, like test/f1: the threshold chosen below is fitted to these very patches.
-        metrics = binary_metrics(probs, labels, self.hparams.threshold, ranking=True)
-        self.val_threshold.fill_(choose_threshold(probs, labels, self.hparams.threshold_method))
+        # At the fixed threshold, like test/f1: the operating point chosen below is fitted to these very patches.
+        metrics = binary_metrics(probs, labels, self.fixed_threshold)
+        method = self.hparams.threshold_method
+        threshold = choose_threshold(probs, labels, method, fallback=self.fixed_threshold)
+        self.operating_point = OperatingPoint(threshold=threshold, method=method, chosen_on="val")
         logged = {f"val/{k}": metrics[k] for k in ("auroc", "f1", "bal_acc", "auprc")}
-        logged["val/threshold"] = float(self.val_threshold)
+        logged["val/threshold"] = threshold
         self.log_dict(logged, sync_dist=True)
-        self.val_predictions = self._predictions_frame("val", probs, index)
+        self.predictions["val"] = self._predictions_frame("val", probs, index)
 
     def on_test_epoch_end(self) -> None:
         probs, labels, index = self._gather("test")
-        at_fixed = binary_metrics(probs, labels, self.hparams.threshold)
-        at_val = binary_metrics(probs, labels, float(self.val_threshold), ranking=False)
+        at_fixed = binary_metrics(probs, labels, self.fixed_threshold)
+        at_val = binary_metrics(probs, labels, self.operating_point.threshold, ranking=False)
         self.test_metrics = {f"test/{k}": float(v) for k, v in at_fixed.items()}
-        self.test_metrics.update({f"test/{k}@val_thr": float(at_val[k])
-                                  for k in ("f1", "bal_acc", "sensitivity", "specificity")})
-        self.test_metrics["test/val_threshold"] = float(self.val_threshold)
+        self.test_metrics.update({f"test/{k}@val_thr": float(at_val[k]) for k in VAL_THR_METRICS})
+        self.test_metrics["test/val_threshold"] = self.operating_point.threshold
         self.log_dict(self.test_metrics, sync_dist=True)
-        self.test_predictions = self._predictions_frame("test", probs, index)
+        self.predictions["test"] = self._predictions_frame("test", probs, index)
 
-    def on_train_epoch_start(self) -> None:
-        frozen = self.current_epoch < self.hparams.freeze_backbone_epochs
-        for parameter in self.backbone.parameters():
-            parameter.requires_grad_(not frozen)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The weights are in the checkpoint: rebuilding the model from it must never fetch ImageNet weights.
+        checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "pretrained": False}
+        checkpoint[RUN_KEY] = {
+            "package_version": __version__,
+            "initial_weights": str(self.hparams.pretrained),
+            "operating_point": self.operating_point.to_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if RUN_KEY in checkpoint:
+            self.operating_point = OperatingPoint.from_dict(checkpoint[RUN_KEY]["operating_point"])
 
     def configure_optimizers(self) -> dict[str, Any]:
+        if self.optimizer_factory is None:
+            raise ValueError("IDCClassifier was built without an optimizer (e.g. by load_from_checkpoint): pass "
+                             "optimizer=functools.partial(torch.optim.AdamW, lr=1e-3) to train it")
         lr = self.optimizer_factory.keywords.get("lr", 1e-3)
         groups = [
             {"params": list(self.backbone.parameters()), "lr": lr * self.hparams.backbone_lr_scale},

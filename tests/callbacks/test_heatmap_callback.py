@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
-from idc_lightning.callbacks.heatmap import HeatmapCallback
+from idc_lightning.callbacks.heatmap_writer import HeatmapCallback
+from idc_lightning.evaluation.operating_point import OperatingPoint
+from idc_lightning.interfaces import EvaluatedModel, PatchSource
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "callbacks" / "heatmap.yaml"
 PATIENTS = ("p2", "p1", "p3")
@@ -30,13 +32,12 @@ def _patch_table() -> pd.DataFrame:
     return frame
 
 
-class PatchDataModule(L.LightningDataModule):
-    """Yields row indices into the patch table; offers the optional patches()/truth_for() of the contract."""
+class BareDataModule(L.LightningDataModule):
+    """Yields row indices into the patch table; no pixels, no ground truth: heatmaps must still be drawn."""
 
     def __init__(self, table: pd.DataFrame) -> None:
         super().__init__()
         self.table = table
-        self.pixels = np.random.default_rng(0).integers(0, 256, (len(table), 50, 50, 3), dtype=np.uint8)
 
     def _loader(self) -> DataLoader:
         return DataLoader(TensorDataset(torch.arange(len(self.table))), batch_size=8)
@@ -50,26 +51,37 @@ class PatchDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader()
 
+
+class PatchDataModule(BareDataModule):
+    """The same rows as a PatchSource: pixels and per-patch ground truth."""
+
+    def __init__(self, table: pd.DataFrame) -> None:
+        super().__init__(table)
+        self.pixels = np.random.default_rng(0).integers(0, 256, (len(table), 50, 50, 3), dtype=np.uint8)
+
+    def split_frame(self, split: str) -> pd.DataFrame:
+        return self.table
+
     def patches(self, cache_index: np.ndarray) -> np.ndarray:
         return self.pixels[cache_index]
 
-    def truth_for(self, patient_id: str, frame: pd.DataFrame) -> np.ndarray:
+    @staticmethod
+    def truth(patient_id: str, frame: pd.DataFrame) -> np.ndarray:
         return frame["label"].to_numpy() == 1
 
-
-class BareDataModule(PatchDataModule):
-    """A datamodule without pixels or ground truth: heatmaps must still be drawn."""
-
-    patches = None
-    truth_for = None
+    def balancing_class_weights(self) -> torch.Tensor:
+        return torch.ones(2)
 
 
 class FakeProbModule(L.LightningModule):
-    """Fills val_predictions / test_predictions from fake probs, as the real module does after gathering."""
+    """Fills predictions["val"/"test"] from fake probs, as the real module does after gathering."""
 
-    def __init__(self, table: pd.DataFrame) -> None:
+    def __init__(self, table: pd.DataFrame, threshold: float = 0.5) -> None:
         super().__init__()
         self.table = table
+        self.predictions: dict[str, pd.DataFrame] = {}
+        self.operating_point = OperatingPoint(threshold=threshold, method="youden", chosen_on="val")
+        self.fixed_threshold = 0.5
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.seen: list[torch.Tensor] = []
 
@@ -93,10 +105,16 @@ class FakeProbModule(L.LightningModule):
         return frame
 
     def on_validation_epoch_end(self) -> None:
-        self.val_predictions = self._predictions()
+        self.predictions["val"] = self._predictions()
 
     def on_test_epoch_end(self) -> None:
-        self.test_predictions = self._predictions()
+        self.predictions["test"] = self._predictions()
+
+
+def test_fakes_implement_the_typed_interfaces() -> None:
+    table = _patch_table()
+    assert isinstance(PatchDataModule(table), PatchSource) and not isinstance(BareDataModule(table), PatchSource)
+    assert isinstance(FakeProbModule(table), EvaluatedModel)
 
 
 @pytest.fixture
@@ -134,6 +152,8 @@ def test_test_heatmaps_are_written_and_logged(tmp_path: Path, offline_wandb: Non
     written = pd.read_csv(out / "heatmaps.csv")
     assert written["patient_id"].tolist() == ["p1", "p2"]
     assert callback.patient_table is not None and callback.patient_table["dice"].between(0.5, 0.99).all()
+    # At the model's operating point 0.5: the 6 IDC patches and the 0.9 false positive of 12 are called IDC.
+    assert callback.patient_table["predicted_idc_pct"].tolist() == pytest.approx([700 / 12, 700 / 12])
 
     wandb_images = list(tmp_path.glob("wandb/offline-run-*/files/media/images/*.png"))
     assert len(wandb_images) == 2
@@ -171,4 +191,15 @@ def test_callback_config_instantiates() -> None:
     callback = instantiate(OmegaConf.load(CONF).heatmap)
     assert isinstance(callback, HeatmapCallback)
     assert (callback.max_patients, callback.every_n_val_epochs, callback.val_patients) == (20, 0, 2)
-    assert (callback.threshold, callback.dirname) == (0.5, "heatmaps")
+    assert (callback.threshold, callback.dirname) == (None, "heatmaps")
+
+
+def test_heatmaps_use_the_model_operating_point_unless_a_number_is_given(tmp_path: Path) -> None:
+    """Operating point 0.85 (chosen on validation): the 0.8 IDC patches are no longer calls, the 0.9 one is."""
+    table = _patch_table()
+    for threshold, expected in ((None, 100 / 12), (0.5, 700 / 12)):
+        callback = HeatmapCallback(max_patients=1, threshold=threshold)
+        trainer = L.Trainer(accelerator="cpu", default_root_dir=tmp_path / str(threshold), logger=False,
+                            callbacks=[callback], enable_progress_bar=False, enable_model_summary=False)
+        trainer.test(FakeProbModule(table, threshold=0.85), datamodule=PatchDataModule(table))
+        assert callback.patient_table["predicted_idc_pct"].tolist() == pytest.approx([expected])

@@ -8,6 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 from idc_lightning.data.datamodule import IDCDataModule
+from idc_lightning.data.splits import SplitError
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def test_setup_splits_by_patient_and_writes_splits_csv(datamodule: IDCDataModule
 
 def test_class_weights_are_inverse_training_frequency(datamodule: IDCDataModule) -> None:
     labels = datamodule.split_frame("train").label
-    weights = datamodule.class_weights
+    weights = datamodule.balancing_class_weights()
     assert torch.allclose(weights * torch.tensor([(labels == 0).sum(), (labels == 1).sum()]).float(),
                           torch.full((2,), len(labels) / 2.0))
 
@@ -55,6 +56,8 @@ def test_balanced_sampler_draws_both_classes_evenly(make_cfg) -> None:
     dm.setup("fit")
     labels = torch.cat([batch["label"] for batch in dm.train_dataloader()])
     assert 0.35 < labels.float().mean() < 0.65
+    # The sampler already evens the classes out: inverse-frequency loss weights on top would correct twice.
+    assert torch.equal(dm.balancing_class_weights(), torch.ones(2))
 
 
 def test_gpu_resident_loader_serves_every_patch_without_workers(make_cfg) -> None:
@@ -71,7 +74,7 @@ def test_truth_masks_agree_with_labels(datamodule: IDCDataModule) -> None:
     frame = datamodule.split_frame("train")
     patient = frame.patient_id.iloc[0]
     rows = frame[frame.patient_id == patient]
-    truth = datamodule.truth_for(patient, rows)
+    truth = datamodule.truth(patient, rows)
     assert truth is not None and (truth == rows.label.astype(bool)).mean() > 0.9
 
 
@@ -89,6 +92,36 @@ def test_unlabelled_patches_are_left_out_of_the_splits(tmp_path: Path, tiny_data
     dm.setup("fit")
     assert len(dm.cache.rows) == len(list(source.glob("*/*/*.png"))) + 1
     assert sum(len(dm.split_frame(s)) for s in ("train", "val", "test")) == len(dm.cache.rows) - 1
+    dm.setup("predict")
+    assert len(dm.split_frame("predict")) == len(dm.cache.rows)
+
+
+def test_checkpoint_state_names_patients_preprocessing_and_data(datamodule: IDCDataModule) -> None:
+    state = datamodule.state_dict()
+    patients = {name: set(datamodule.split_frame(name).patient_id) for name in ("train", "val", "test")}
+    assert {name: set(ids) for name, ids in state["patients"].items()} == patients
+    assert state["preprocessing"]["image_size"] == 50 and state["preprocessing"]["microns_per_pixel"] == 4.0
+    assert len(state["manifest_fingerprint"]) == 16
+    datamodule.load_state_dict(state)
+    moved = {**state, "patients": {**state["patients"], "test": state["patients"]["val"],
+                                   "val": state["patients"]["test"]}}
+    with pytest.raises(SplitError, match="differs from this run's"):
+        datamodule.load_state_dict(moved)
+
+
+def test_evaluation_tests_every_unseen_patient_and_refuses_seen_ones(make_cfg, tmp_path: Path) -> None:
+    data = make_cfg("train").data
+    trained = instantiate(data)
+    trained.prepare_data()
+    trained.setup("fit")
+    seen = sorted({*trained.split_frame("train").patient_id, *trained.split_frame("val").patient_id})
+    evaluated = instantiate(data, seen_patients=seen)
+    evaluated.setup("test")
+    assert set(evaluated.split_frame("test").patient_id) == set(trained.split_frame("test").patient_id)
+    leaking = tmp_path / "split.csv"
+    pd.DataFrame({"patient_id": [seen[0]], "split": ["test"]}).to_csv(leaking, index=False)
+    with pytest.raises(SplitError, match=f"trained or validated on: \\['{seen[0]}'\\]"):
+        instantiate(data, seen_patients=seen, split_file=str(leaking)).setup("test")
 
 
 def test_missing_root_error_points_to_synthetic(tmp_path: Path) -> None:

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 from urllib.error import URLError
 
+import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 from torchvision.models import resnet18
 
 import idc_lightning.models.backbone as backbone
@@ -69,10 +73,46 @@ def test_state_dict_file_and_adapted_stem(tmp_path: Path) -> None:
         build_resnet18(pretrained=str(tmp_path / "other.pth"))
 
 
-def test_separate_learning_rates_and_frozen_backbone() -> None:
-    model = classifier(backbone_lr_scale=0.1, freeze_backbone_epochs=1)
+def test_separate_learning_rates() -> None:
+    model = classifier(backbone_lr_scale=0.1)
     optimizer = model.configure_optimizers()["optimizer"]
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([1e-4, 1e-3])
-    model.on_train_epoch_start()
-    assert not any(p.requires_grad for p in model.backbone.parameters())
-    assert all(p.requires_grad for p in model.head.parameters())
+
+
+def test_frozen_backbone_keeps_weights_and_batchnorm_statistics(make_cfg) -> None:
+    """One frozen epoch: every backbone tensor (weights and BatchNorm running statistics) is unchanged, the head
+    learned. Nothing toggles requires_grad, so the same holds under DDP (tests/test_sweeps.py runs it there)."""
+    cfg = make_cfg("train", ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+                             "model.freeze_backbone_epochs=1"])
+    model, datamodule = instantiate(cfg.model), instantiate(cfg.data)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=datamodule)
+    after = model.state_dict()
+    backbone = [k for k in before if k.startswith("backbone.")]
+    assert any("running_mean" in k for k in backbone)
+    assert all(torch.equal(before[k], after[k]) for k in backbone)
+    assert not torch.equal(before["head.1.weight"], after["head.1.weight"])
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_load_from_checkpoint_needs_no_argument_and_downloads_nothing(trained_checkpoint: Path, tmp_path: Path) -> None:
+    """In a fresh Python, with ImageNet downloads made to fail: the checkpoint alone rebuilds the model."""
+    script = f"""
+import torchvision.models
+def no_download(*args, **kwargs):
+    raise RuntimeError("tried to download ImageNet weights")
+torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__.get_state_dict = no_download
+import torch
+from idc_lightning.models.classifier import IDCClassifier
+model = IDCClassifier.load_from_checkpoint({str(trained_checkpoint)!r}, map_location="cpu").eval()
+saved = torch.load({str(trained_checkpoint)!r}, map_location="cpu", weights_only=True)
+assert model.operating_point.chosen_on == "val", model.operating_point
+assert model.operating_point.threshold == saved["idc_lightning"]["operating_point"]["threshold"]
+assert all(torch.equal(v, saved["state_dict"][k]) for k, v in model.state_dict().items())
+print("ok", model(torch.zeros(2, 3, 50, 50)).shape)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ok torch.Size([2, 2])" in done.stdout

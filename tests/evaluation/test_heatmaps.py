@@ -8,20 +8,11 @@ import pytest
 from matplotlib.axes import Axes
 from PIL import Image
 
-from idc_lightning.heatmap import (
-    GridGeometry,
-    cell_index,
-    dice,
-    grid_geometry,
-    patient_metrics,
-    render_patient_heatmap,
-    slide_thumbnail,
-    value_grid,
-    write_patient_heatmaps,
-)
+from idc_lightning.evaluation.heatmaps import dice, render_patient_heatmap, write_patient_heatmaps
+from idc_lightning.evaluation.slide_grid import GridGeometry, cell_index, grid_geometry, slide_thumbnail, value_grid
 
 # The shared real sample beside the checkout (../shared); absent in a user's clone.
-REAL_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "idc_real"
+REAL_SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "idc_real"
 KAGGLE_NAME = re.compile(r"(?P<pid>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$")
 
 
@@ -103,7 +94,8 @@ def test_thumbnail_pastes_each_patch_at_its_pixel_offset() -> None:
 @pytest.mark.parametrize(
     ("pred", "truth", "expected"),
     [
-        ([0, 0, 0], [0, 0, 0], 1.0),
+        ([0, 0, 0], [0, 0, 0], math.nan),
+        ([1, 0, 0], [0, 0, 0], math.nan),
         ([1, 1, 0], [0, 0, 1], 0.0),
         ([1, 1, 0], [1, 0, 0], 2 / 3),
         ([1, np.nan, 1], [1, 1, np.nan], 1.0),
@@ -111,23 +103,13 @@ def test_thumbnail_pastes_each_patch_at_its_pixel_offset() -> None:
     ],
 )
 def test_dice(pred: list, truth: list, expected: float) -> None:
-    assert dice(np.array(pred), np.array(truth)) == pytest.approx(expected)
+    """Like F1, Dice is undefined without true IDC: an IDC-free patient is judged by its specificity."""
+    assert dice(np.array(pred), np.array(truth)) == pytest.approx(expected, nan_ok=True)
 
 
 def test_dice_rejects_masks_of_different_shapes() -> None:
     with pytest.raises(ValueError, match="one shape"):
         dice(np.zeros(3, dtype=bool), np.zeros(4, dtype=bool))
-
-
-def test_patient_metrics_are_nan_when_undefined() -> None:
-    benign = patient_metrics(np.array([0.1, 0.2]), np.array([0, 0]))
-    assert math.isnan(benign["auroc"]) and math.isnan(benign["f1"])
-    assert benign["idc_pct"] == 0.0 and benign["true_idc_pct"] == 0.0
-    mixed = patient_metrics(np.array([0.1, 0.9, 0.6, 0.4]), np.array([0, 1, 0, 1]))
-    assert mixed["auroc"] == pytest.approx(0.75)
-    assert mixed["f1"] == pytest.approx(0.5)
-    assert mixed["idc_pct"] == 50.0 and mixed["patches"] == 4
-    assert math.isnan(patient_metrics(np.array([0.7]), None)["true_idc_pct"])
 
 
 def test_render_writes_a_readable_png(tmp_path: Path) -> None:
@@ -136,7 +118,7 @@ def test_render_writes_a_readable_png(tmp_path: Path) -> None:
     thumbnail = slide_thumbnail(np.full((3, 50, 50, 3), 200, dtype=np.uint8), x, y, geometry)
     prob = value_grid(x, y, np.array([0.1, 0.8, 0.5]), geometry)
     label = value_grid(x, y, np.array([0, 1, 1]), geometry)
-    metrics = {"patches": 3, "idc_pct": 33.3, "auroc": math.nan, "f1": 0.5}
+    metrics = {"patches": 3, "predicted_idc_pct": 33.3, "idc_pct": 66.7, "auroc": math.nan, "f1": 0.5}
     path = render_patient_heatmap("8863", thumbnail, prob, label, metrics, tmp_path / "sub" / "8863.png")
     assert path == tmp_path / "sub" / "8863.png" and path.stat().st_size > 0
     with Image.open(path) as image:
@@ -151,6 +133,7 @@ def test_write_patient_heatmaps_writes_png_and_npy_per_patient(tmp_path: Path) -
         lambda cache_index: pixels[cache_index],
         tmp_path,
         limit=2,
+        threshold=0.5,
         truth=lambda patient_id, frame: frame["label"].to_numpy() == 1,
     )
     assert table["patient_id"].tolist() == ["8863", "8864"]
@@ -167,14 +150,14 @@ def test_write_patient_heatmaps_writes_png_and_npy_per_patient(tmp_path: Path) -
 
 def test_write_patient_heatmaps_without_pixels_or_labels(tmp_path: Path) -> None:
     predictions = _predictions({"a": 5, "b": 5}).drop(columns=["label", "cache_index"])
-    table = write_patient_heatmaps(predictions, None, tmp_path, limit=None)
+    table = write_patient_heatmaps(predictions, None, tmp_path, limit=None, threshold=0.5)
     assert len(table) == 2 and table["auroc"].isna().all() and table["dice"].isna().all()
     assert (tmp_path / "b.png").stat().st_size > 0
 
 
 def test_write_patient_heatmaps_names_missing_columns(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="prob"):
-        write_patient_heatmaps(pd.DataFrame({"patient_id": ["a"], "x": [1], "y": [1]}), None, tmp_path, None)
+        write_patient_heatmaps(pd.DataFrame({"patient_id": ["a"], "x": [1], "y": [1]}), None, tmp_path, None, 0.5)
 
 
 def test_real_patient_rebuilds_its_slide(tmp_path: Path) -> None:
@@ -204,7 +187,8 @@ def test_real_patient_rebuilds_its_slide(tmp_path: Path) -> None:
     np.testing.assert_array_equal(thumbnail[top : top + 50, left : left + 50], pixels[0])
 
     table = write_patient_heatmaps(
-        predictions, lambda i: pixels[i], tmp_path, limit=None, truth=lambda _, f: f["label"].to_numpy() == 1
+        predictions, lambda i: pixels[i], tmp_path, limit=None, threshold=0.5,
+        truth=lambda _, f: f["label"].to_numpy() == 1,
     )
     assert table.loc[0, "patches"] == len(predictions) and table.loc[0, "dice"] > 0.8
     assert (tmp_path / "9125.png").stat().st_size > 10_000
@@ -215,6 +199,6 @@ def test_stride_25_predictions_keep_their_finer_grid(tmp_path: Path) -> None:
     predictions = pd.DataFrame({"patient_id": "s", "x": x.ravel(), "y": y.ravel(), "prob": np.linspace(0, 1, 12)})
     predictions["cache_index"] = np.arange(12)
     pixels = np.full((12, 50, 50, 3), 128, dtype=np.uint8)
-    table = write_patient_heatmaps(predictions, lambda i: pixels[i], tmp_path, limit=None)
+    table = write_patient_heatmaps(predictions, lambda i: pixels[i], tmp_path, limit=None, threshold=0.5)
     assert table.loc[0, "step"] == 25
     np.testing.assert_allclose(np.load(tmp_path / "s.npy"), np.linspace(0, 1, 12).reshape(3, 4), rtol=1e-6)

@@ -8,18 +8,19 @@ from pathlib import Path
 import lightning as L
 import pandas as pd
 
-from idc_lightning.heatmap import write_patient_heatmaps
-from idc_lightning.image_logging import log_images
+from idc_lightning.evaluation.figures import log_images
+from idc_lightning.evaluation.heatmaps import write_patient_heatmaps
+from idc_lightning.interfaces import EvaluatedModel, PatchSource
 
 log = logging.getLogger(__name__)
 
 
 class HeatmapCallback(L.Callback):
-    """Thin shell over `heatmap.write_patient_heatmaps`: picks patients, writes files on rank 0, logs images.
+    """Thin shell over `evaluation.heatmaps.write_patient_heatmaps`: picks patients, writes on rank 0, logs images.
 
-    Reads `pl_module.test_predictions` / `val_predictions` (gathered from all ranks) in `on_test_end` /
-    `on_validation_end`, because callback hooks run before the module's `*_epoch_end` that fills them.
-    Pixels and ground truth come from the datamodule's optional `patches()` and `truth_for()`.
+    Reads the model's gathered predictions (`EvaluatedModel.predictions`) in `on_test_end` / `on_validation_end`,
+    because callback epoch-end hooks run before the module's, which fill them. Calls are made at the model's
+    operating point unless `threshold` is a number. Pixels and ground truth come from the datamodule (`PatchSource`).
     """
 
     def __init__(
@@ -27,7 +28,7 @@ class HeatmapCallback(L.Callback):
         max_patients: int | None = 20,
         every_n_val_epochs: int = 0,
         val_patients: int = 2,
-        threshold: float = 0.5,
+        threshold: float | None = None,
         dirname: str = "heatmaps",
     ) -> None:
         super().__init__()
@@ -39,11 +40,11 @@ class HeatmapCallback(L.Callback):
         self.patient_table: pd.DataFrame | None = None
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        predictions = self._predictions(trainer, pl_module, "test_predictions")
+        predictions = self._predictions(trainer, pl_module, "test")
         if predictions is None:
             return
         out_dir = Path(trainer.default_root_dir) / self.dirname
-        table = self._write(trainer, predictions, out_dir, self.max_patients)
+        table = self._write(trainer, pl_module, predictions, out_dir, self.max_patients)
         table.to_csv(out_dir / "heatmaps.csv", index=False)
         self.patient_table = table
         self._log(trainer, table, key="heatmaps", dice_key="test/heatmap_dice")
@@ -53,39 +54,43 @@ class HeatmapCallback(L.Callback):
             return
         if (trainer.current_epoch + 1) % self.every_n_val_epochs:
             return
-        predictions = self._predictions(trainer, pl_module, "val_predictions")
+        predictions = self._predictions(trainer, pl_module, "val")
         if predictions is None:
             return
         # The same first patients every time, so epochs can be compared side by side.
         keep = sorted(predictions["patient_id"].astype(str).unique())[: self.val_patients]
         predictions = predictions[predictions["patient_id"].astype(str).isin(keep)]
         out_dir = Path(trainer.default_root_dir) / self.dirname / "val" / f"epoch_{trainer.current_epoch}"
-        table = self._write(trainer, predictions, out_dir, limit=None)
+        table = self._write(trainer, pl_module, predictions, out_dir, limit=None)
         self._log(trainer, table, key="val/heatmaps", dice_key="val/heatmap_dice")
 
     @staticmethod
-    def _predictions(trainer: L.Trainer, pl_module: L.LightningModule, attribute: str) -> pd.DataFrame | None:
+    def _predictions(trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> pd.DataFrame | None:
         """The module's gathered predictions on rank 0; None elsewhere or when there is nothing to draw."""
         if not trainer.is_global_zero:
             return None
-        predictions = getattr(pl_module, attribute, None)
+        if not isinstance(pl_module, EvaluatedModel):
+            raise TypeError(f"HeatmapCallback needs a model with predictions and an operating_point "
+                            f"(interfaces.EvaluatedModel); got {type(pl_module).__name__}")
+        predictions = pl_module.predictions.get(split)
         if predictions is None or len(predictions) == 0:
-            module = type(pl_module).__name__
-            log.warning("No heatmaps: %s.%s is missing or empty (set it in *_epoch_end)", module, attribute)
+            log.warning("No heatmaps: %s has no %s predictions", type(pl_module).__name__, split)
             return None
         return predictions
 
-    def _write(self, trainer: L.Trainer, predictions: pd.DataFrame, out_dir: Path, limit: int | None) -> pd.DataFrame:
-        datamodule = getattr(trainer, "datamodule", None)
+    def _write(self, trainer: L.Trainer, model: EvaluatedModel, predictions: pd.DataFrame, out_dir: Path,
+               limit: int | None) -> pd.DataFrame:
+        source = trainer.datamodule if isinstance(trainer.datamodule, PatchSource) else None
+        threshold = model.operating_point.threshold if self.threshold is None else self.threshold
         table = write_patient_heatmaps(
             predictions,
-            patches=getattr(datamodule, "patches", None),
+            patches=source.patches if source is not None else None,
             out_dir=out_dir,
             limit=limit,
-            threshold=self.threshold,
-            truth=getattr(datamodule, "truth_for", None),
+            threshold=threshold,
+            truth=source.truth if source is not None else None,
         )
-        log.info("Wrote %d patient heatmaps to %s", len(table), out_dir)
+        log.info("Wrote %d patient heatmaps to %s (IDC when prob >= %.4f)", len(table), out_dir, threshold)
         return table
 
     @staticmethod

@@ -1,15 +1,12 @@
-"""Place per-patch IDC predictions back on their slide and render per-patient heatmaps.
+"""Per-patient IDC heatmap figures: the slide rebuilt from its patches, the probability over it, the truth.
 
-Pure functions over numpy arrays and DataFrames, shared by `callbacks.heatmap` and the `predict` entry point.
-A patch's (x, y) is the pixel offset of its top-left corner in the downsampled slide; one patient's patches
-tile that slide, with holes where there was only glass.
+Shared by the heatmap callback (after testing) and `predict`; calls and scores at one operating point.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +16,12 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
-from sklearn.metrics import roc_auc_score
 
-# Kaggle's step: only a lone patch needs this guess, every other step is derived from the data.
-DEFAULT_STEP = 50
+from idc_lightning.evaluation.metrics import confusion_counts, f1_score, patient_scores
+from idc_lightning.evaluation.operating_point import is_idc
+from idc_lightning.evaluation.slide_grid import GridGeometry, grid_geometry, slide_thumbnail, value_grid
+from idc_lightning.preprocessing import PATCH_SIZE
+
 PROB_CMAP = "inferno"
 OVERLAY_ALPHA = 0.6
 PATCH_COLUMNS = ("patient_id", "x", "y", "prob")
@@ -33,132 +32,21 @@ PANEL_TITLES = {
 }
 
 
-@dataclass(frozen=True)
-class GridGeometry:
-    """Slide-absolute grid: cell (row, col) holds the patch whose top-left is origin + (col, row) * step."""
-
-    origin_x: int
-    origin_y: int
-    step: int
-    rows: int
-    cols: int
-
-
-def grid_geometry(x: np.ndarray, y: np.ndarray, step: int | None = None) -> GridGeometry:
-    """Derive the grid from the offsets, so neither the 50-px step nor Kaggle's +1 origin is assumed.
-
-    The step is the gcd of all offset differences (25 for stride-25 predictions). The origin is the offsets'
-    residue modulo the step, not their minimum, so cells stay slide-absolute: with origin 1 and step 50,
-    x=501 is column 10 whichever other patches the patient has. With an explicit step coarser than the data,
-    the origin is the smallest residue and patches sharing a cell are averaged by `value_grid`.
-    """
-    x = np.asarray(x, dtype=np.int64)
-    y = np.asarray(y, dtype=np.int64)
-    if x.size == 0 or x.shape != y.shape:
-        raise ValueError(f"need matching, non-empty x and y offsets; got shapes {x.shape} and {y.shape}")
-    if step is None:
-        step = int(np.gcd.reduce(np.concatenate([x - x.min(), y - y.min()]))) or DEFAULT_STEP
-    if step <= 0:
-        raise ValueError(f"grid step must be a positive number of pixels, got {step}")
-    origin_x, origin_y = int((x % step).min()), int((y % step).min())
-    return GridGeometry(
-        origin_x=origin_x,
-        origin_y=origin_y,
-        step=step,
-        rows=int((y.max() - origin_y) // step) + 1,
-        cols=int((x.max() - origin_x) // step) + 1,
-    )
-
-
-def cell_index(x: np.ndarray, y: np.ndarray, geometry: GridGeometry) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) of each patch; fails loudly if a patch falls outside the geometry it is placed on."""
-    cols = (np.asarray(x, dtype=np.int64) - geometry.origin_x) // geometry.step
-    rows = (np.asarray(y, dtype=np.int64) - geometry.origin_y) // geometry.step
-    outside = (rows < 0) | (rows >= geometry.rows) | (cols < 0) | (cols >= geometry.cols)
-    if outside.any():
-        i = int(np.flatnonzero(outside)[0])
-        raise ValueError(
-            f"patch at x={int(np.asarray(x)[i])}, y={int(np.asarray(y)[i])} lies outside {geometry}; "
-            "build the geometry with grid_geometry() from the same patches"
-        )
-    return rows, cols
-
-
-def value_grid(x: np.ndarray, y: np.ndarray, values: np.ndarray, geometry: GridGeometry) -> np.ndarray:
-    """float32 [rows, cols] of per-patch values; NaN marks glass (no patch), never 0, which would read benign.
-
-    Several finite values in one cell (overlapping placements, DDP padding duplicates) are averaged.
-    """
-    rows, cols = cell_index(x, y, geometry)
-    values = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(values)
-    shape = (geometry.rows, geometry.cols)
-    total, count = np.zeros(shape), np.zeros(shape)
-    np.add.at(total, (rows[finite], cols[finite]), values[finite])
-    np.add.at(count, (rows[finite], cols[finite]), 1)
-    grid = np.full(shape, np.nan, dtype=np.float32)
-    filled = count > 0
-    grid[filled] = total[filled] / count[filled]
-    return grid
-
-
-def slide_thumbnail(
-    patches: np.ndarray, x: np.ndarray, y: np.ndarray, geometry: GridGeometry, patch_size: int = 50
-) -> np.ndarray:
-    """uint8 RGB canvas (white = glass) with each patch pasted at its pixel offset from the grid origin."""
-    patches = np.asarray(patches)
-    if patches.ndim != 4 or patches.shape[-1] != 3 or len(patches) != len(x):
-        raise ValueError(f"expected uint8 patches [N={len(x)}, h, w, 3], got shape {patches.shape}")
-    left = np.asarray(x, dtype=np.int64) - geometry.origin_x
-    top = np.asarray(y, dtype=np.int64) - geometry.origin_y
-    h, w = patches.shape[1:3]
-    height = max((geometry.rows - 1) * geometry.step + patch_size, int(top.max()) + h)
-    width = max((geometry.cols - 1) * geometry.step + patch_size, int(left.max()) + w)
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    for patch, t, left_px in zip(patches, top, left, strict=True):
-        canvas[t : t + h, left_px : left_px + w] = patch
-    return canvas
-
-
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice overlap of two IDC masks; NaN entries (glass, unlabelled) in either are ignored.
+    """Dice overlap of a predicted and a true IDC mask (the F1 formula); NaN entries in either are ignored.
 
-    Both masks empty gives 1.0: a benign patient on which the model finds no IDC is a perfect call, and
-    scoring it 0 or dropping it would bias the mean Dice against the many IDC-free slides.
+    Like F1, defined only when the truth holds IDC: an IDC-free patient is judged by its specificity instead.
     """
     pred, truth = np.asarray(pred), np.asarray(truth)
     if pred.shape != truth.shape:
         raise ValueError(f"dice needs masks of one shape, got {pred.shape} and {truth.shape}")
     valid = ~(_nan_mask(pred) | _nan_mask(truth))
-    p, t = pred[valid].astype(bool), truth[valid].astype(bool)
-    denominator = int(p.sum() + t.sum())
-    return 1.0 if denominator == 0 else 2.0 * int((p & t).sum()) / denominator
+    counts = confusion_counts(pred[valid].astype(bool), truth[valid].astype(bool))
+    return f1_score(counts["tp"], counts["fp"], counts["fn"])
 
 
 def _nan_mask(mask: np.ndarray) -> np.ndarray:
     return np.isnan(mask) if np.issubdtype(mask.dtype, np.floating) else np.zeros(mask.shape, dtype=bool)
-
-
-def patient_metrics(prob: np.ndarray, label: np.ndarray | None, threshold: float = 0.5) -> dict[str, float]:
-    """Patch count, predicted/true IDC %, AUROC (NaN unless both classes occur) and F1 (NaN when 0/0)."""
-    prob = np.asarray(prob, dtype=np.float64)
-    predicted = prob >= threshold
-    metrics = {"patches": float(len(prob)), "idc_pct": 100.0 * float(predicted.mean())}
-    metrics.update(true_idc_pct=math.nan, auroc=math.nan, f1=math.nan)
-    if label is None:
-        return metrics
-    label = np.asarray(label, dtype=np.float64)
-    known = np.isfinite(label)
-    if not known.any():
-        return metrics
-    truth, hit, score = label[known].astype(bool), predicted[known], prob[known]
-    metrics["true_idc_pct"] = 100.0 * float(truth.mean())
-    if 0 < truth.sum() < truth.size:
-        metrics["auroc"] = float(roc_auc_score(truth, score))
-    tp, fp, fn = int((hit & truth).sum()), int((hit & ~truth).sum()), int((~hit & truth).sum())
-    if 2 * tp + fp + fn:
-        metrics["f1"] = 2 * tp / (2 * tp + fp + fn)
-    return metrics
 
 
 def render_patient_heatmap(
@@ -170,7 +58,7 @@ def render_patient_heatmap(
     path: Path,
     *,
     geometry: GridGeometry | None = None,
-    patch_size: int = 50,
+    patch_size: int = PATCH_SIZE,
 ) -> Path:
     """Write a PNG: (a) slide rebuilt from patches, (b) IDC probability over it, (c) ground truth when known.
 
@@ -265,11 +153,13 @@ def _title(patient_id: str, metrics: dict[str, float]) -> str:
         value = metrics.get(key, math.nan)
         return "n/a" if value is None or math.isnan(value) else format(value, spec)
 
-    idc = f"IDC {shown('idc_pct', '.1f')}% predicted"
-    if not math.isnan(metrics.get("true_idc_pct", math.nan)):
-        idc += f" ({shown('true_idc_pct', '.1f')}% true)"
+    idc = f"IDC {shown('predicted_idc_pct', '.1f')}% predicted"
+    if not math.isnan(metrics.get("idc_pct", math.nan)):
+        idc += f" ({shown('idc_pct', '.1f')}% true)"
     parts = [f"patient {patient_id}", f"{shown('patches', '.0f')} patches", idc]
     parts += [f"AUROC {shown('auroc', '.3f')}", f"F1 {shown('f1', '.3f')}"]
+    if not math.isnan(metrics.get("specificity", math.nan)):
+        parts.append(f"specificity {shown('specificity', '.3f')}")
     if not math.isnan(metrics.get("dice", math.nan)):
         parts.append(f"Dice {shown('dice', '.3f')}")
     return " · ".join(parts)
@@ -280,14 +170,15 @@ def write_patient_heatmaps(
     patches: Callable[[np.ndarray], np.ndarray] | None,
     out_dir: Path,
     limit: int | None,
-    threshold: float = 0.5,
+    threshold: float,
     truth: Callable[[str, pd.DataFrame], np.ndarray | None] | None = None,
 ) -> pd.DataFrame:
     """Write `<pid>.png` and `<pid>.npy` (raw probability grid) per patient, sorted by id, up to `limit`.
 
-    `patches(cache_index)` supplies pixels for the slide thumbnail; `truth(pid, frame)` supplies per-row
-    true IDC (or None) for a patch-level Dice at `threshold`. Returns one row per patient; origin_x,
-    origin_y and step map the .npy cells back to slide pixels.
+    `threshold` is the operating point of every call (IDC %, F1, specificity, Dice). `patches(cache_index)`
+    supplies pixels for the slide thumbnail; `truth(pid, frame)` supplies per-row true IDC (or None) for a
+    patch-level Dice. Returns one row per patient; origin_x, origin_y and step map the .npy cells back to slide
+    pixels.
     """
     missing = [c for c in PATCH_COLUMNS if c not in predictions.columns]
     if missing:
@@ -301,7 +192,7 @@ def write_patient_heatmaps(
     for patient_id in sorted(patient_ids.unique())[:limit]:
         frame = predictions[patient_ids == patient_id]
         rows.append(_write_one(patient_id, frame, patches, out_dir, threshold, truth))
-    columns = ["patient_id", "patches", "idc_pct", "true_idc_pct", "auroc", "f1", "dice"]
+    columns = ["patient_id", "patches", "idc_pct", "predicted_idc_pct", "auroc", "f1", "specificity", "dice"]
     return pd.DataFrame(rows, columns=[*columns, "origin_x", "origin_y", "step", "png"])
 
 
@@ -315,11 +206,12 @@ def _write_one(
 ) -> dict[str, object]:
     x, y, prob = frame["x"].to_numpy(), frame["y"].to_numpy(), frame["prob"].to_numpy(dtype=np.float64)
     geometry = grid_geometry(x, y)
-    label = frame["label"].to_numpy(dtype=np.float64) if "label" in frame.columns else None
+    label = (pd.to_numeric(frame["label"]).to_numpy(np.float64, na_value=np.nan)
+             if "label" in frame.columns else None)
     has_labels = label is not None and bool(np.isfinite(label).any())
-    metrics = patient_metrics(prob, label, threshold)
+    metrics = patient_scores(prob, label, threshold)
     true_idc = truth(patient_id, frame) if truth is not None else None
-    metrics["dice"] = dice(prob >= threshold, np.asarray(true_idc)) if true_idc is not None else math.nan
+    metrics["dice"] = dice(is_idc(prob, threshold), np.asarray(true_idc)) if true_idc is not None else math.nan
     prob_grid = value_grid(x, y, prob, geometry)
     # Without pixels the patch size is unknown; assuming it equals the step leaves the grid uncentred.
     thumbnail, patch_size = None, geometry.step

@@ -1,0 +1,101 @@
+"""Place per-patch values back on their slide: a patch's (x, y) is the pixel offset of its top-left corner.
+
+One patient's patches tile that patient's downsampled slide, with holes where there was only glass. Pure functions
+over numpy arrays, shared by the heatmap figures and `predict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from idc_lightning.preprocessing import PATCH_SIZE
+
+
+@dataclass(frozen=True)
+class GridGeometry:
+    """Slide-absolute grid: cell (row, col) holds the patch whose top-left is origin + (col, row) * step."""
+
+    origin_x: int
+    origin_y: int
+    step: int
+    rows: int
+    cols: int
+
+
+def grid_geometry(x: np.ndarray, y: np.ndarray, step: int | None = None) -> GridGeometry:
+    """Derive the grid from the offsets, so neither the 50-px step nor Kaggle's +1 origin is assumed.
+
+    The step is the gcd of all offset differences (25 for stride-25 predictions). The origin is the offsets'
+    residue modulo the step, not their minimum, so cells stay slide-absolute: with origin 1 and step 50,
+    x=501 is column 10 whichever other patches the patient has. With an explicit step coarser than the data,
+    the origin is the smallest residue and patches sharing a cell are averaged by `value_grid`.
+    """
+    x = np.asarray(x, dtype=np.int64)
+    y = np.asarray(y, dtype=np.int64)
+    if x.size == 0 or x.shape != y.shape:
+        raise ValueError(f"need matching, non-empty x and y offsets; got shapes {x.shape} and {y.shape}")
+    if step is None:
+        # A lone patch has no neighbour to derive the step from: assume the Kaggle grid.
+        step = int(np.gcd.reduce(np.concatenate([x - x.min(), y - y.min()]))) or PATCH_SIZE
+    if step <= 0:
+        raise ValueError(f"grid step must be a positive number of pixels, got {step}")
+    origin_x, origin_y = int((x % step).min()), int((y % step).min())
+    return GridGeometry(
+        origin_x=origin_x,
+        origin_y=origin_y,
+        step=step,
+        rows=int((y.max() - origin_y) // step) + 1,
+        cols=int((x.max() - origin_x) // step) + 1,
+    )
+
+
+def cell_index(x: np.ndarray, y: np.ndarray, geometry: GridGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of each patch; fails loudly if a patch falls outside the geometry it is placed on."""
+    cols = (np.asarray(x, dtype=np.int64) - geometry.origin_x) // geometry.step
+    rows = (np.asarray(y, dtype=np.int64) - geometry.origin_y) // geometry.step
+    outside = (rows < 0) | (rows >= geometry.rows) | (cols < 0) | (cols >= geometry.cols)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise ValueError(
+            f"patch at x={int(np.asarray(x)[i])}, y={int(np.asarray(y)[i])} lies outside {geometry}; "
+            "build the geometry with grid_geometry() from the same patches"
+        )
+    return rows, cols
+
+
+def value_grid(x: np.ndarray, y: np.ndarray, values: np.ndarray, geometry: GridGeometry) -> np.ndarray:
+    """float32 [rows, cols] of per-patch values; NaN marks glass (no patch), never 0, which would read benign.
+
+    Several finite values in one cell (overlapping placements, DDP padding duplicates) are averaged.
+    """
+    rows, cols = cell_index(x, y, geometry)
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    shape = (geometry.rows, geometry.cols)
+    total, count = np.zeros(shape), np.zeros(shape)
+    np.add.at(total, (rows[finite], cols[finite]), values[finite])
+    np.add.at(count, (rows[finite], cols[finite]), 1)
+    grid = np.full(shape, np.nan, dtype=np.float32)
+    filled = count > 0
+    grid[filled] = total[filled] / count[filled]
+    return grid
+
+
+def slide_thumbnail(
+    patches: np.ndarray, x: np.ndarray, y: np.ndarray, geometry: GridGeometry, patch_size: int = PATCH_SIZE
+) -> np.ndarray:
+    """uint8 RGB canvas (white = glass) with each patch pasted at its pixel offset from the grid origin."""
+    patches = np.asarray(patches)
+    if patches.ndim != 4 or patches.shape[-1] != 3 or len(patches) != len(x):
+        raise ValueError(f"expected uint8 patches [N={len(x)}, h, w, 3], got shape {patches.shape}")
+    left = np.asarray(x, dtype=np.int64) - geometry.origin_x
+    top = np.asarray(y, dtype=np.int64) - geometry.origin_y
+    h, w = patches.shape[1:3]
+    height = max((geometry.rows - 1) * geometry.step + patch_size, int(top.max()) + h)
+    width = max((geometry.cols - 1) * geometry.step + patch_size, int(left.max()) + w)
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    for patch, t, left_px in zip(patches, top, left, strict=True):
+        canvas[t : t + h, left_px : left_px + w] = patch
+    return canvas
