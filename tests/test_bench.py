@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from idc_lightning import bench
+from idc_lightning.bench import cli as bench
 
 LOADER_PATHS = {"PIL per file + albumentations", "cache + albumentations", "cache + batch augment (CPU)",
                 "cache + batch augment in workers (CPU)"}

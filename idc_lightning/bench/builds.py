@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from idc_lightning.benchmarking.report import Row
+from idc_lightning.bench.report import Row
 from idc_lightning.data.cache import PatchCache, build_cache
 from idc_lightning.data.manifest import build_manifest
 

@@ -3,7 +3,7 @@
 CPU mode (default) measures, on the full-scale synthetic set (and the real sample when present): manifest and
 cache build times, model-ready patches/s of four loader paths, Lightning's overhead over a bare PyTorch loop, and
 the peak memory of each loader path. `--gpu` measures train/inference img/s on CUDA instead (benchmarks/gpu.sh).
-The measurements live in `idc_lightning.benchmarking`, one module per kind.
+The measurements live in the other modules of `idc_lightning.bench`, one per kind.
 
 Memory is sampled every 0.2 s during each measurement from Linux's /proc/PID/smaps_rollup, summed over this process
 and its DataLoader workers: Pss_Anon (heap, decoded arrays, tensors; what the path really costs) and the total PSS,
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from idc_lightning.benchmarking.builds import measure_builds
-from idc_lightning.benchmarking.gpu import measure_gpu
-from idc_lightning.benchmarking.loaders import (
+from idc_lightning.bench.builds import measure_builds
+from idc_lightning.bench.gpu import measure_gpu
+from idc_lightning.bench.loaders import (
     LOADER_BATCH,
     LOADER_WORKERS,
     MAIN_THREADS,
@@ -31,15 +31,15 @@ from idc_lightning.benchmarking.loaders import (
     WARMUP_BATCHES,
     measure_loaders,
 )
-from idc_lightning.benchmarking.report import Row, markdown, table
-from idc_lightning.benchmarking.training import measure_training
+from idc_lightning.bench.report import Row, markdown, table
+from idc_lightning.bench.training import measure_training
 from idc_lightning.data.cache import build_cache
 from idc_lightning.data.manifest import build_manifest
 from idc_lightning.data.synthetic import SyntheticSlides
 
 log = logging.getLogger(__name__)
 
-REAL_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "idc_real"
+REAL_SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "idc_real"
 
 
 def synthetic_root(args: argparse.Namespace) -> Path:
@@ -103,7 +103,8 @@ def run_gpu(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Benchmark the IDC data pipeline and training loop.")
+    parser = argparse.ArgumentParser(
+        prog="python -m idc_lightning.bench", description="Benchmark the IDC data pipeline and training loop.")
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown report (default docs/benchmarks.md, or docs/benchmarks_gpu.md with --gpu)")
     parser.add_argument("--data-dir", type=Path, default=Path("data/bench"), help="generated set (reused if present)")
@@ -135,6 +136,3 @@ def main(argv: list[str] | None = None) -> list[Row]:
     log.info("Wrote %s", args.out)
     return rows
 
-
-if __name__ == "__main__":
-    main()
