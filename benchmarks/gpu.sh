@@ -1,14 +1,34 @@
 #!/usr/bin/env bash
-# GPU benchmarks on a machine with one NVIDIA GPU: train/inference img/s for eager vs torch.compile, fp32 vs bf16,
-# 50 vs 224 px, channels_last, and the three ways of feeding the GPU; writes docs/benchmarks_gpu.md.
-# Usage: bash benchmarks/gpu.sh [SECONDS_PER_MEASUREMENT]   (default 5: about 20 measurements, inside 8 minutes)
+# GPU benchmarks in one call on a bare, offline machine with one NVIDIA GPU: seconds per full-set training epoch
+# and img/s for the DataLoader, device-augmentation and GPU-resident paths, bf16 vs fp32, eager vs torch.compile,
+# 50 vs 224 px, inference img/s and device memory, inside an 8-minute budget. Writes docs/benchmarks_gpu.md and
+# copies it to $OUT when that is set (the device tool brings $OUT back).
+#
+# Prepare once, on a machine with network:  make gpu-wheels   (then carry .gpu-wheels with the command)
+# Usage: bash benchmarks/gpu.sh [--dry-run] [other options of python -m idc_lightning.bench]
+#   --dry-run  the same path on a CPU with a tiny set and tiny sizes, in seconds (a test in make test runs it)
+# Environment: PYTHON (default python3: the machine's own, with its CUDA torch), GPU_WHEELS (default .gpu-wheels),
+#   SITE (where missing wheels are installed, default /tmp/idc-site), REPORT (the markdown written).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SECONDS_PER_MEASUREMENT="${1:-5}"
-# Pick the torch build for this machine's CUDA, e.g. TORCH_SPEC="torch==2.14.1 torchvision==0.29.1" (the default).
-make install
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-# Full-scale synthetic set (162 patients, ~284k patches; reused when already there), then the cache, then the runs.
-.venv/bin/python -m idc_lightning.bench --gpu --data-dir data/bench --seconds "$SECONDS_PER_MEASUREMENT" \
-    --out docs/benchmarks_gpu.md
+python="${PYTHON:-python3}"
+dry_run=""
+for arg in "$@"; do
+    if [[ "$arg" == --dry-run ]]; then dry_run="--dry-run"; fi
+done
+default_report=docs/benchmarks_gpu.md
+if [[ -n "$dry_run" ]]; then default_report=outputs/bench/benchmarks_gpu_dry_run.md; fi
+report="${REPORT:-$default_report}"
+site="${SITE:-/tmp/idc-site}"
+
+# The project comes from this checkout and what the machine lacks from $site: nothing is fetched, nothing built.
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$python" -m idc_lightning.bench.preflight --wheels "${GPU_WHEELS:-.gpu-wheels}" --target "$site" $dry_run
+if [[ -z "$dry_run" ]]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+"$python" -m idc_lightning.bench --gpu --out "$report" "$@"
+if [[ -n "${OUT:-}" ]]; then
+    cp "$report" "$OUT/"
+fi

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:  # only a type here: the device-augment path and the GPU bench run without albumentations
+    import albumentations as A
 
 
 class _CachedPatches(Dataset):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from idc_lightning.benchmarking.report import Row
+from idc_lightning.bench.report import Row
 from idc_lightning.data.augment_config import AugmentConfig
 from idc_lightning.data.cache import PatchCache
 from idc_lightning.data.datasets import PatchBatchDataset

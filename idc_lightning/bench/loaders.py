@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from idc_lightning.benchmarking.memory import PeakMemory, tree_memory_mib
-from idc_lightning.benchmarking.report import Row
+from idc_lightning.bench.memory import PeakMemory, tree_memory_mib
+from idc_lightning.bench.report import Row
 from idc_lightning.data.augment_config import AugmentConfig
 from idc_lightning.data.cache import PatchCache
 from idc_lightning.data.datasets import PatchBatchDataset, PatchDataset, keep_batch

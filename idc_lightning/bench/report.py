@@ -37,13 +37,18 @@ def table(rows: list[Row], title: str) -> Table:
 
 
 def machine() -> str:
-    return (f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}")
+    described = (f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                 f"Python {platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}")
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(0)
+        described += (f", {torch.cuda.device_count()} x {gpu.name} ({gpu.total_memory / 2**30:.0f} GiB), "
+                      f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+    return described
 
 
-def markdown(rows: list[Row], command: str, notes: list[str]) -> str:
+def markdown(rows: list[Row], command: str, notes: list[str], title: str = "Benchmarks") -> str:
     lines = [
-        "# Benchmarks",
+        f"# {title}",
         "",
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- Machine: {machine()}",
