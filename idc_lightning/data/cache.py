@@ -17,8 +17,6 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from idc_lightning.data.manifest import tree_signature
-
 log = logging.getLogger(__name__)
 
 IMAGES_FILE = "images.u8"
@@ -65,15 +63,18 @@ def decode_patch(path: Path | str, patch_size: int = 50, pad_value: int = 255) -
     return image
 
 
-def cache_key(manifest: pd.DataFrame, patch_size: int, pad_value: int, stain_norm: str | None,
-              tree: str = "") -> str:
-    """Changes whenever a row, the patch geometry, the stain normalisation or the tree on disk changes.
+def cache_key(manifest: pd.DataFrame, patch_size: int, pad_value: int, stain_norm: str | None) -> str:
+    """Changes whenever a row, a patch file's size or mtime, the patch geometry or the stain normalisation does.
 
-    `tree` is the root's tree_signature: files rewritten under the same names (regenerated slides, a re-unzipped
-    download) change their folders' mtimes, so the cache never serves the old pixels.
+    Files rewritten under the same names (regenerated slides, a re-unzipped download) keep their folders'
+    mtimes but not their own, so the cache never serves the old pixels.
     """
-    digest = hashlib.sha1(pd.util.hash_pandas_object(manifest[["path", "label"]], index=False).values.tobytes())
-    digest.update(f"{patch_size}|{pad_value}|{stain_norm}|{tree}".encode())
+    absent = [column for column in ("size", "mtime_ns") if column not in manifest.columns]
+    if absent:
+        raise ValueError(f"the manifest has no {absent} columns: build it with build_manifest or scan_tree")
+    files = manifest[["path", "label", "size", "mtime_ns"]]
+    digest = hashlib.sha1(pd.util.hash_pandas_object(files, index=False).values.tobytes())
+    digest.update(f"{patch_size}|{pad_value}|{stain_norm}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -130,11 +131,13 @@ def build_cache(
 ) -> PatchCache:
     """Pack the manifest's patches into a memmap under cache_dir, or reuse the one packed for the same input.
 
+    The manifest must be fresh (build_manifest): its rows' size and mtime_ns are what tells a rewritten file.
+
     Undecodable files are listed (path + error) in skipped.csv beside the cache; rows = cached + skipped.
     """
     if stain_norm not in (None, "macenko"):
         raise ValueError(f"data.stain_norm={stain_norm!r} is not supported; use null or macenko")
-    key = cache_key(manifest, patch_size, pad_value, stain_norm, tree_signature(root, exclude=cache_dir))
+    key = cache_key(manifest, patch_size, pad_value, stain_norm)
     folder = cache_folder(cache_dir, key)
     if (folder / "meta.json").is_file():
         log.info("Reusing packed patch cache %s", folder)

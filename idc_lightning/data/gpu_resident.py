@@ -14,15 +14,31 @@ import psutil
 import torch
 
 
+class EpochSetter:
+    """What Lightning finds as a loader's `.sampler`: its fit loop calls `sampler.set_epoch(current_epoch)`
+    before every epoch, also the first one after resuming from a checkpoint; this passes it to the batches.
+    """
+
+    def __init__(self, batches: ResidentBatches) -> None:
+        self._batches = batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self._batches.set_epoch(epoch)
+
+
 class ResidentBatches:
     """Iterable of {"image": uint8 [B,H,W,3], "label": int64 [B], "index": int64 [B]} batches.
 
     `index` is the row position within this split. Each rank takes every `world_size`-th element of the
     epoch's order, padded by wrapping (like DistributedSampler) so all ranks run the same number of batches.
     `balanced` draws N patches with replacement, every class equally likely (instead of a permutation).
-    Each `__iter__` starts the next epoch unless `set_epoch` was called since the last one: Lightning only
-    calls `set_epoch` on samplers, which this is not.
+    The epoch is the one last given to `set_epoch` (Lightning's, through `sampler`), or the one after the
+    previous epoch's when nobody calls it. It is read at an epoch's first batch, not at `iter()`: Lightning
+    creates the first epoch's iterator before it calls `set_epoch`.
     """
+
+    # Lightning's `_is_dataloader_shuffled` reads `batch_sampler` of anything that has a `sampler`.
+    batch_sampler = None
 
     def __init__(
         self,
@@ -52,6 +68,7 @@ class ResidentBatches:
         self.world_size = world_size
         self.seed = seed
         self._next_epoch = 0
+        self.sampler = EpochSetter(self)
         if balanced:
             host_labels = self.labels.cpu()
             self._sample_weights = 1.0 / torch.bincount(host_labels)[host_labels].double()
@@ -63,8 +80,9 @@ class ResidentBatches:
         return math.ceil(len(self.labels) / self.world_size)
 
     def __len__(self) -> int:
-        rounding = math.floor if self.drop_last else math.ceil
-        return rounding(self._shard_size() / self.batch_size)
+        full = self._shard_size() // self.batch_size
+        # Like the DataLoader path: drop the partial batch only if a full one remains, never a whole epoch.
+        return full if self.drop_last and full else math.ceil(self._shard_size() / self.batch_size)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         n = len(self.labels)
@@ -81,11 +99,12 @@ class ResidentBatches:
         return padded[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        # Advance the epoch here, not inside the generator, which would run only at the first next().
         epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
-        return self._batches(self._shard(self._epoch_order(epoch)).to(self.images.device))
-
-    def _batches(self, shard: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+        shard = self._shard(self._epoch_order(epoch))
+        # Pinned and non-blocking, so copying the epoch's order never waits for the device.
+        if self.images.device.type == "cuda":
+            shard = shard.pin_memory()
+        shard = shard.to(self.images.device, non_blocking=True)
         for batch in range(len(self)):
             index = shard[batch * self.batch_size : (batch + 1) * self.batch_size]
             yield {"image": self.images[index], "label": self.labels[index], "index": index}

@@ -20,7 +20,8 @@ PATCH_NAME = re.compile(
     r"^(?P<pid>[^_/]+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)(?:_class(?P<label>[01]))?\.png$", re.IGNORECASE
 )
 UNLABELLED = -1
-MANIFEST_COLUMNS = ["patient_id", "x", "y", "label", "path"]
+# size and mtime_ns say which version of the file the row describes: a cache keyed on them sees rewrites.
+MANIFEST_COLUMNS = ["patient_id", "x", "y", "label", "path", "size", "mtime_ns"]
 # The zip repeats the whole tree under this folder: the same files twice.
 DUPLICATE_TREE = "IDC_regular_ps50_idx5"
 
@@ -59,10 +60,14 @@ def missing_data_message(root: Path, problem: str) -> str:
     )
 
 
-def _walk_files(root: Path, exclude: Path | None = None) -> list[tuple[str, str]]:
-    """(relative dir, file name) for every file under root, except inside `exclude`, following os.scandir for speed."""
+# (relative dir, file name, st_size, st_mtime_ns): a plain tuple, as a NamedTuple costs 0.25 s per 284k files.
+TreeFile = tuple[str, str, int, int]
+
+
+def _walk_files(root: Path, exclude: Path | str | None = None) -> list[TreeFile]:
+    """Every file under root, except inside `exclude`; os.scandir's entries make the stat about 3 µs a file."""
     excluded = _excluded_folder(exclude)
-    found: list[tuple[str, str]] = []
+    found: list[TreeFile] = []
     stack = [""]
     while stack:
         rel_dir = stack.pop()
@@ -73,7 +78,8 @@ def _walk_files(root: Path, exclude: Path | None = None) -> list[tuple[str, str]
                     if not _is_excluded(entry.path, excluded):
                         stack.append(rel)
                 elif entry.is_file(follow_symlinks=True):
-                    found.append((rel_dir, entry.name))
+                    stat = entry.stat(follow_symlinks=True)
+                    found.append((rel_dir, entry.name, stat.st_size, stat.st_mtime_ns))
     return found
 
 
@@ -94,9 +100,13 @@ def scan_tree(root: Path, exclude: Path | str | None = None) -> tuple[pd.DataFra
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(missing_data_message(root, "data.root does not exist or is not a folder"))
+    return _parse_files(root, _walk_files(root, exclude))
+
+
+def _parse_files(root: Path, files: list[TreeFile]) -> tuple[pd.DataFrame, ManifestReport]:
     report = ManifestReport(root=str(root))
-    rows: list[tuple[str, int, int, int, str]] = []
-    for rel_dir, name in _walk_files(root, exclude):
+    rows: list[tuple[str, int, int, int, str, int, int]] = []
+    for rel_dir, name, size, mtime_ns in files:
         report.files_seen += 1
         rel_path = f"{rel_dir}/{name}" if rel_dir else name
         match = PATCH_NAME.match(name)
@@ -110,12 +120,13 @@ def scan_tree(root: Path, exclude: Path | str | None = None) -> tuple[pd.DataFra
                 {"path": rel_path, "reason": f"class{label} in the file name but stored in folder '{folder}'"}
             )
             continue
-        rows.append((match["pid"], int(match["x"]), int(match["y"]), label, rel_path))
+        rows.append((match["pid"], int(match["x"]), int(match["y"]), label, rel_path, size, mtime_ns))
     frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     frame = _merge_duplicate_copies(frame, report)
     if frame.empty:
         raise DatasetNotFoundError(missing_data_message(root, "no IDC patch files found under data.root"))
-    frame = frame.astype({"patient_id": str, "x": "int32", "y": "int32", "label": "int8", "path": str})
+    frame = frame.astype({"patient_id": str, "x": "int32", "y": "int32", "label": "int8", "path": str,
+                          "size": "int64", "mtime_ns": "int64"})
     frame = frame.sort_values(["patient_id", "y", "x"], ignore_index=True)
     report.patches = len(frame)
     report.patients = frame["patient_id"].nunique()
@@ -135,36 +146,36 @@ def _merge_duplicate_copies(frame: pd.DataFrame, report: ManifestReport) -> pd.D
     return unique.drop(columns="depth")
 
 
-def tree_signature(root: Path, exclude: Path | str | None = None) -> str:
-    """Hash of every folder's path and mtime: adding, removing or renaming a file changes its folder's mtime.
+def files_signature(root: Path, files: list[TreeFile]) -> str:
+    """Hash of every file's path, size and mtime: adding, removing, renaming or rewriting a file changes it.
 
-    The `exclude` folder (the cache, when it lives under root) is left out, or writing the cache would change it.
+    Folder mtimes alone miss a file rewritten in place under its old name (regenerated slides).
     """
-    excluded = _excluded_folder(exclude)
     digest = hashlib.sha1(str(Path(root).resolve()).encode())
-    stack = [Path(root)]
-    while stack:
-        folder = stack.pop()
-        digest.update(f"{folder}:{folder.stat().st_mtime_ns}".encode())
-        with os.scandir(folder) as entries:
-            stack.extend(Path(entry.path) for entry in entries
-                         if entry.is_dir(follow_symlinks=True) and not _is_excluded(entry.path, excluded))
+    lines = (f"{rel_dir}/{name}\0{size}\0{mtime_ns}\n" for rel_dir, name, size, mtime_ns in files)
+    digest.update("".join(lines).encode())
     return digest.hexdigest()[:16]
 
 
 def build_manifest(root: Path | str, cache_dir: Path | str | None = None) -> tuple[pd.DataFrame, ManifestReport]:
-    """Scan root (or reuse the parquet saved for an unchanged tree in cache_dir)."""
+    """Scan root, or reuse the parquet saved in cache_dir for a tree whose files are all unchanged.
+
+    The reuse check stats every file (about 1 s per 280k files with a warm cache; the full download holds each
+    patch twice), so only the name parsing is saved. Rows keep each file's size and mtime_ns, which the patch
+    cache's key hashes.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(missing_data_message(root, "data.root does not exist or is not a folder"))
     if cache_dir is None:
         return scan_tree(root)
-    saved = Path(cache_dir) / "manifests" / tree_signature(root, exclude=cache_dir)
+    files = _walk_files(root, exclude=cache_dir)
+    saved = Path(cache_dir) / "manifests" / files_signature(root, files)
     if (saved / "manifest.parquet").is_file() and (saved / "report.json").is_file():
         report = ManifestReport(**json.loads((saved / "report.json").read_text()))
         log.info("Reusing manifest %s", saved)
         return pd.read_parquet(saved / "manifest.parquet"), report
-    frame, report = scan_tree(root, exclude=cache_dir)
+    frame, report = _parse_files(root, files)
     saved.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(saved / "manifest.parquet", index=False)
     # The report is written last and atomically: its presence marks a complete manifest.

@@ -213,8 +213,9 @@ def _stains(
     coverage *= float(rng.uniform(0.65, 1.0)) + 0.05 * nests + 0.2 * lymph_f + 0.1 * _noise(rng, shape, 3)
 
     eosin = _collagen(rng, shape)
-    eosin *= float(rng.uniform(0.35, 0.75)) * (1 - nests)
-    eosin += 0.45 * nests
+    # Desmoplastic stroma round IDC is denser collagen: real IDC patches are darker and more saturated.
+    eosin *= float(rng.uniform(0.35, 0.75)) * (1 + 0.5 * tumour) * (1 - nests)
+    eosin += 0.55 * nests
     eosin[ducts] = 0.45
     eosin[fat] = 0.02
     eosin[fat & _fat_membranes(rng, shape)] = 0.5
@@ -222,7 +223,7 @@ def _stains(
     eosin *= tissue
 
     # Cytoplasm of epithelial and tumour cells takes up some hematoxylin: a purple haze under the nuclei.
-    hema = (float(rng.uniform(0.0, 0.12)) + 0.05 * tumour) * stroma + float(rng.uniform(0.06, 0.22)) * nests
+    hema = (float(rng.uniform(0.0, 0.12)) + 0.1 * tumour) * stroma + float(rng.uniform(0.06, 0.22)) * nests
     hema += 0.12 * ducts_f + 0.06 * lymph_f
     hema *= open_f
     hema += coverage

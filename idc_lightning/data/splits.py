@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +103,12 @@ def split_patients(
     return split.rename_axis("patient_id").reset_index()
 
 
-def read_split_file(path: Path | str, manifest: pd.DataFrame) -> pd.DataFrame:
-    """Reuse a saved split (e.g. a paper's); patients on disk but not in the file are left out, loudly."""
+def read_split_file(path: Path | str, manifest: pd.DataFrame, required: Sequence[str] = SPLITS) -> pd.DataFrame:
+    """Reuse a saved split (e.g. a paper's); patients on disk but not in the file are left out, loudly.
+
+    `required` names the splits that must have a patient in the file: all three for training, only test for
+    evaluation. A patient listed twice is an error, never resolved by row order: its patches would leak.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.split_file={path} does not exist; give a CSV with columns patient_id,split")
@@ -113,6 +118,17 @@ def read_split_file(path: Path | str, manifest: pd.DataFrame) -> pd.DataFrame:
     unknown = sorted(set(split["split"]) - set(SPLITS))
     if unknown:
         raise SplitError(f"{path}: unknown split names {unknown}; use {list(SPLITS)}")
+    repeated = split[split["patient_id"].duplicated(keep=False)]
+    if not repeated.empty:
+        listed = repeated.groupby("patient_id", sort=True)["split"].agg(list)
+        details = "; ".join(f"{patient}: {splits}" for patient, splits in listed.head(10).items())
+        raise SplitError(
+            f"{path}: {len(listed)} patients are listed more than once ({details}); "
+            f"list each patient_id once, in one split"
+        )
+    absent = [name for name in required if name not in set(split["split"])]
+    if absent:
+        raise SplitError(f"{path}: no patient in split(s) {absent}; add rows for them (required: {list(required)})")
     on_disk = set(manifest["patient_id"])
     missing = sorted(set(split["patient_id"]) - on_disk)
     if missing:

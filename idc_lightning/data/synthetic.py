@@ -34,7 +34,7 @@ TREE = "IDC_regular_ps50_idx5"
 MASKS = "masks"
 MARKER = ".synthetic.json"
 # Bump when the rendering changes, so `ensure` regenerates datasets written by an older generator.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 @dataclass

@@ -81,15 +81,35 @@ def test_parallel_build_matches_serial_on_real_patches(real_data: Path, tmp_path
 
 def test_files_rewritten_under_the_same_names_are_packed_again(odd_tree: Path, tmp_path: Path) -> None:
     """Regenerated slides or a re-unzipped download keep their names: the cache must not serve the old pixels."""
-    manifest, _ = scan_tree(odd_tree)
+    manifest, _ = build_manifest(odd_tree, tmp_path / "cache")
     first = build_cache(manifest, odd_tree, tmp_path / "cache", workers=1)
     patch = odd_tree / "9000/0/9000_idx5_x1_y1_class0.png"
     patch.unlink()
     write(patch, np.full((50, 50, 3), 30, np.uint8))
+    manifest, _ = build_manifest(odd_tree, tmp_path / "cache")
     again = build_cache(manifest, odd_tree, tmp_path / "cache", workers=1)
     assert again.folder != first.folder
     index = again.rows.set_index("x").loc[1, "cache_index"]
     assert tuple(again.images[index][0, 0]) == (30, 30, 30)
+
+
+def test_a_patch_rewritten_in_place_is_packed_again(odd_tree: Path, tmp_path: Path) -> None:
+    """Overwriting a PNG (same name, same inode) leaves its folder's mtime alone; its own size and mtime change."""
+    cache_dir = tmp_path / "cache"
+    manifest, _ = build_manifest(odd_tree, cache_dir)
+    first = build_cache(manifest, odd_tree, cache_dir, workers=1)
+    patch = odd_tree / "9000/0/9000_idx5_x1_y1_class0.png"
+    folder_mtime = patch.parent.stat().st_mtime_ns
+    noise = np.random.default_rng(0).integers(0, 256, (50, 50, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(patch)
+    assert patch.parent.stat().st_mtime_ns == folder_mtime
+    manifest, _ = build_manifest(odd_tree, cache_dir)
+    again = build_cache(manifest, odd_tree, cache_dir, workers=1)
+    assert again.folder != first.folder
+    index = again.rows.set_index("x").loc[1, "cache_index"]
+    assert np.array_equal(again.images[index], noise)
+    unchanged, _ = build_manifest(odd_tree, cache_dir)
+    assert build_cache(unchanged, odd_tree, cache_dir, workers=1).folder == again.folder
 
 
 def test_cache_inside_the_data_root_is_reused_and_not_scanned(odd_tree: Path) -> None:

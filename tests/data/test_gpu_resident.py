@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import lightning as L
 import pytest
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
 
 from idc_lightning.data.gpu_resident import ResidentBatches, fits_on_device
 
@@ -41,6 +45,15 @@ def test_drop_last_keeps_only_full_batches() -> None:
     assert all(len(batch["index"]) == 10 for batch in loader)
 
 
+@pytest.mark.parametrize(("n", "world_size"), [(5, 1), (8, 1), (11, 2)])
+def test_drop_last_never_leaves_an_epoch_without_batches(n: int, world_size: int) -> None:
+    """A shard smaller than one batch keeps its partial batch: zero training batches would be a silent no-op."""
+    images, labels = _split(n)
+    loader = ResidentBatches(images, labels, batch_size=8, shuffle=True, drop_last=True, world_size=world_size)
+    assert len(loader) == 1
+    assert len(list(loader)) == 1
+
+
 def test_no_shuffle_keeps_row_order() -> None:
     loader = ResidentBatches(*_split(25), batch_size=8, shuffle=False)
     assert torch.equal(_epoch(loader), torch.arange(25))
@@ -73,6 +86,75 @@ def test_epochs_differ_and_seed_plus_epoch_reproduces() -> None:
     assert not torch.equal(_epoch(other_seed), first)
 
 
+def test_lightning_sets_the_epoch_through_the_sampler_even_after_iter() -> None:
+    """Lightning calls set_epoch on `loader.sampler`, and for a run's first epoch only after iter(loader)."""
+    images, labels = _split(200)
+    expected = ResidentBatches(images, labels, 16, shuffle=True, seed=3)
+    expected.set_epoch(5)
+    loader = ResidentBatches(images, labels, 16, shuffle=True, seed=3)
+    batches = iter(loader)
+    _set_sampler_epoch(loader, 5)
+    assert torch.equal(torch.cat([batch["index"] for batch in batches]), _epoch(expected))
+    assert torch.equal(_epoch(loader), _epoch(expected)), "both move on to epoch 6"
+
+
+class _RecordsEpochOrders(L.LightningModule):
+    """Trains a linear layer and records the patch order of every training epoch it runs."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(50 * 50 * 3, 2)
+        self.images, self.labels = images, labels
+        self.orders: dict[int, list[torch.Tensor]] = {}
+
+    def _loader(self, train: bool) -> ResidentBatches:
+        return ResidentBatches(self.images, self.labels, 8, shuffle=train, drop_last=train, seed=11)
+
+    def train_dataloader(self) -> ResidentBatches:
+        return self._loader(train=True)
+
+    def val_dataloader(self) -> ResidentBatches:
+        return self._loader(train=False)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.layer(batch["image"].flatten(1).float() / 255)
+        return torch.nn.functional.cross_entropy(logits, batch["label"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.orders.setdefault(self.current_epoch, []).append(batch["index"])
+        return self._loss(batch)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _fit(module: _RecordsEpochOrders, max_epochs: int, root: Path, ckpt_path: Path | None = None) -> L.Trainer:
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=root)
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_resumed_training_continues_the_epoch_orders(tmp_path: Path) -> None:
+    """Epoch 2 resumed from a checkpoint sees the same patch order as epoch 2 of an uninterrupted run."""
+    images, labels = _split(40)
+    straight = _RecordsEpochOrders(images, labels)
+    _fit(straight, max_epochs=3, root=tmp_path)
+    orders = {epoch: torch.cat(batches) for epoch, batches in straight.orders.items()}
+    assert sorted(orders) == [0, 1, 2] and not torch.equal(orders[0], orders[2])
+
+    interrupted = _RecordsEpochOrders(images, labels)
+    _fit(interrupted, max_epochs=2, root=tmp_path).save_checkpoint(tmp_path / "epoch2.ckpt")
+    resumed = _RecordsEpochOrders(images, labels)
+    _fit(resumed, max_epochs=3, root=tmp_path, ckpt_path=tmp_path / "epoch2.ckpt")
+    assert sorted(resumed.orders) == [2]
+    assert torch.equal(torch.cat(resumed.orders[2]), orders[2])
+
+
 def test_balanced_sampling_draws_classes_equally() -> None:
     images, labels = _split(10_000, positive_every=10)
     loader = ResidentBatches(images, labels, 256, shuffle=True, balanced=True)
@@ -99,7 +181,7 @@ def test_fits_on_device() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batches_stay_on_device_without_host_sync() -> None:
     images, labels = (tensor.cuda() for tensor in _split(100))
-    batches = iter(ResidentBatches(images, labels, 16, shuffle=True))  # one copy of the epoch order
+    batches = iter(ResidentBatches(images, labels, 16, shuffle=True))
     torch.cuda.set_sync_debug_mode("error")
     try:
         batch = next(batches)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -28,7 +29,8 @@ def test_parses_names_at_any_depth_and_merges_the_duplicated_tree(tmp_path: Path
     row = frame[(frame.patient_id == "10253") & (frame.label == 1)].iloc[0]
     assert (row.x, row.y) == (501, 101)
     assert row.path == "10253/1/10253_idx5_x501_y101_class1.png"  # the shallower copy wins
-    assert list(frame.columns) == ["patient_id", "x", "y", "label", "path"]
+    assert list(frame.columns) == ["patient_id", "x", "y", "label", "path", "size", "mtime_ns"]
+    assert row["size"] == (tmp_path / row.path).stat().st_size
 
 
 def test_junk_is_counted_and_class_mismatch_is_skipped_with_a_reason(tmp_path: Path) -> None:
@@ -66,7 +68,20 @@ def test_manifest_is_cached_and_rebuilt_when_the_tree_changes(tmp_path: Path) ->
 
 
 def test_real_sample_indexes_every_patch(real_data: Path) -> None:
+    """The counts its README.md gives: 25 patients, 22,726 patches, 5,041 of them IDC."""
     frame, report = scan_tree(real_data)
-    assert len(frame) == 8610 and report.patients == 13
-    assert frame.label.sum() == 2624
+    assert len(frame) == 22_726 and report.patients == 25
+    assert frame.label.sum() == 5_041
     assert report.ignored == ["README.md"] and not report.skipped
+
+
+def test_saved_manifest_is_not_reused_when_a_patch_is_rewritten_in_place(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    path = write_patch(root, "9000", 1, 1, 0)
+    first, _ = build_manifest(root, tmp_path / "cache")
+    stat = path.stat()
+    path.write_bytes(path.read_bytes())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the rewrite a second later
+    again, _ = build_manifest(root, tmp_path / "cache")
+    assert again.at[0, "mtime_ns"] == stat.st_mtime_ns + 1_000_000_000 != first.at[0, "mtime_ns"]
+    assert len(list((tmp_path / "cache" / "manifests").iterdir())) == 2

@@ -74,6 +74,29 @@ def test_split_file_round_trip_and_errors(tmp_path) -> None:
     assert len(read_split_file(path, manifest)) == 9
     pd.DataFrame({"patient_id": ["1"], "split": ["train"]}).to_csv(path, index=False)
     with pytest.raises(SplitError, match="not under data.root"):
-        read_split_file(path, manifest)
+        read_split_file(path, manifest, required=("train",))
     with pytest.raises(FileNotFoundError, match="data.split_file"):
         read_split_file(tmp_path / "missing.csv", manifest)
+
+
+def test_split_file_listing_a_patient_twice_is_an_error(tmp_path) -> None:
+    manifest = manifest_of(10)
+    split = split_patients(manifest)
+    leaked = split.patient_id[split.split == "train"].iloc[0]
+    path = tmp_path / "splits.csv"
+    pd.concat([split, pd.DataFrame({"patient_id": [leaked], "split": ["test"]})]).to_csv(path, index=False)
+    with pytest.raises(SplitError, match=rf"listed more than once \({leaked}: \['train', 'test'\]\)"):
+        read_split_file(path, manifest)
+
+
+def test_split_file_must_fill_the_required_splits(tmp_path) -> None:
+    manifest = manifest_of(10)
+    split = split_patients(manifest)
+    path = tmp_path / "splits.csv"
+    split[split.split != "val"].to_csv(path, index=False)
+    with pytest.raises(SplitError, match=rf"{path}: no patient in split\(s\) \['val'\]"):
+        read_split_file(path, manifest)
+    split[split.split == "test"].to_csv(path, index=False)
+    assert set(read_split_file(path, manifest, required=("test",)).split) == {"test"}
+    with pytest.raises(SplitError, match=r"\['train', 'val'\]"):
+        read_split_file(path, manifest)

@@ -181,7 +181,10 @@ def _colour_stats(images: list[np.ndarray]) -> tuple[np.ndarray, float]:
 def test_synthetic_slides_resemble_the_real_sample(written: tuple[Path, dict, list[dict]], real_data: Path) -> None:
     """Per class, colour and saturation within a few grey levels of real tissue; IDC share within 10 points.
 
-    Measured: real non-IDC RGB (212, 176, 197), IDC (177, 132, 167); synthetic (211, 170, 192), (189, 147, 180).
+    Measured on 300 real patches per class of the 25-patient sample: real non-IDC BGR (191, 168, 211),
+    saturation 58; IDC (164, 126, 175), 79. Synthetic: (193, 172, 212), 55; (167, 132, 179), 79.
+    The IDC share is the full download's (78,786 of 277,524 patches, 28.4%), which the generator aims at:
+    the sample's 25 patients hold 22.2%, a per-patient draw, not the dataset's share.
     """
     _, _, synthetic = written
     real = _patches(real_data)
@@ -193,5 +196,4 @@ def test_synthetic_slides_resemble_the_real_sample(written: tuple[Path, dict, li
         synthetic_bgr, synthetic_saturation = _colour_stats([p["image"] for p in synthetic if p["label"] == label])
         assert np.abs(real_bgr - synthetic_bgr).max() < 20, (label, real_bgr, synthetic_bgr)
         assert abs(real_saturation - synthetic_saturation) < 12, (label, real_saturation, synthetic_saturation)
-    real_positive = np.mean([p["label"] for p in real])
-    assert abs(np.mean([p["label"] for p in synthetic]) - real_positive) < 0.1
+    assert abs(np.mean([p["label"] for p in synthetic]) - 78_786 / 277_524) < 0.1
