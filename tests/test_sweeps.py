@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import REPO, TINY, compose_config
 from omegaconf import OmegaConf
+from torchvision.models import resnet18
 
 from idc_lightning.callbacks.sweep_summary import (
     collect_jobs,
@@ -162,9 +163,16 @@ def test_wandb_single_run_has_no_group_and_is_offline_without_a_key(make_cfg, mo
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_matches_a_single_process_eval(tiny_data_dir: Path, tmp_path: Path) -> None:
-    cli("idc_lightning.train", tiny_data_dir, "trainer=ddp_cpu", *FAST, f"hydra.run.dir={tmp_path / 'ddp'}")
+    """Also: a frozen backbone stays frozen under DDP, weights and BatchNorm statistics alike."""
+    initial = resnet18(weights=None).state_dict()
+    torch.save(initial, tmp_path / "init.pth")
+    cli("idc_lightning.train", tiny_data_dir, "trainer=ddp_cpu", *FAST, f"hydra.run.dir={tmp_path / 'ddp'}",
+        f"model.pretrained={tmp_path / 'init.pth'}", "model.freeze_backbone_epochs=1")
     trained = json.loads((tmp_path / "ddp" / "results.json").read_text())
     checkpoint = next((tmp_path / "ddp" / "checkpoints").glob("epoch_*.ckpt"))
+    state = torch.load(checkpoint, weights_only=True, map_location="cpu")["state_dict"]
+    backbone = {key: value for key, value in initial.items() if not key.startswith("fc.")}
+    assert all(torch.equal(state[f"backbone.{key}"], value) for key, value in backbone.items())
     overrides = [f"ckpt_path={checkpoint}", "trainer.accelerator=cpu"]
     evaluated = evaluate(compose_config("eval", tmp_path / "eval", tiny_data_dir, overrides))
     for key in ("test/auroc", "test/f1", "test/auprc", "test/f1@val_thr", "test/tp", "test/fp"):

@@ -295,7 +295,9 @@ class IDCDataModule(L.LightningDataModule):
         labels = torch.as_tensor(frame["label"].to_numpy(np.int64), device=device)
         world_size = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
-        return ResidentBatches(images, labels, self.batch_size, shuffle=train,
+        # Lightning turns shuffling off for overfit_batches only in DataLoaders; this loader is told directly.
+        overfitting = self.trainer is not None and bool(self.trainer.overfit_batches)
+        return ResidentBatches(images, labels, self.batch_size, shuffle=train and not overfitting,
                                balanced=train and self.sampler == "balanced", drop_last=train,
                                rank=rank, world_size=world_size, seed=self.seed)
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-PATCH = 50
+from idc_lightning.preprocessing import PATCH_SIZE as PATCH
+
 # Coarse layers (tissue, fat, tumour outlines) are drawn on a grid this many pixels apart and upsampled.
 COARSE = 10
 

@@ -31,7 +31,7 @@ def write_curves(output_dir: Path, predictions: pd.DataFrame, threshold: float) 
     labels = predictions["label"].to_numpy(np.int64)
     paths = []
     if labels.any() and (labels == 0).any():
-        scores, targets = torch.from_numpy(probs), torch.from_numpy(labels)
+        scores, targets = torch.tensor(probs), torch.tensor(labels)
         fpr, tpr, _ = binary_roc(scores, targets)
         precision, recall, _ = binary_precision_recall_curve(scores, targets)
         for name, (xs, ys, xlabel, ylabel) in {

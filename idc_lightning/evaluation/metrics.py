@@ -48,7 +48,7 @@ def ranking_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     labels = np.asarray(labels, dtype=np.int64)
     if not (labels.any() and (labels == 0).any()):
         return {"auroc": math.nan, "auprc": math.nan}
-    scores, targets = torch.as_tensor(np.asarray(probs, dtype=np.float32)), torch.as_tensor(labels)
+    scores, targets = torch.tensor(np.asarray(probs, dtype=np.float32)), torch.tensor(labels)
     return {"auroc": float(binary_auroc(scores, targets)), "auprc": float(binary_average_precision(scores, targets))}
 
 

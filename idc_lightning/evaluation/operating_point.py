@@ -54,7 +54,7 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, method: str = "youde
     if not (labels.any() and (labels == 0).any()):
         log.warning("Validation has a single class: keeping the threshold %g", fallback)
         return fallback
-    scores, targets = torch.as_tensor(np.asarray(probs, dtype=np.float32)), torch.as_tensor(labels)
+    scores, targets = torch.tensor(np.asarray(probs, dtype=np.float32)), torch.tensor(labels)
     if method == "youden":
         fpr, tpr, thresholds = binary_roc(scores, targets)
         best = int(torch.argmax(tpr - fpr))
