@@ -37,7 +37,8 @@ def test_quick_bench_writes_every_row(tmp_path: Path) -> None:
                        "--real", str(tmp_path / "no_real_sample")])
 
     by_section = _by_section(rows)
-    assert by_section["build"] == {"synthetic set", "manifest scan (synthetic)", "cache build (synthetic)"}
+    assert by_section["build"] == {"synthetic set", "manifest scan (synthetic)", "cache build (synthetic)",
+                                   "unchanged-tree check and reuse (synthetic)"}
     assert by_section["loader (synthetic)"] == LOADER_PATHS | {AUGMENT_ALONE}
     assert by_section["memory (synthetic)"] == LOADER_PATHS
     assert by_section["training (cpu)"] == {"bare PyTorch loop", "Lightning Trainer", "Lightning overhead"}
