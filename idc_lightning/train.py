@@ -10,7 +10,9 @@ import lightning as L
 from omegaconf import DictConfig
 
 from idc_lightning.builders import build_run, log_config, print_config_tree, wandb_sync_hints
+from idc_lightning.checkpoints import read_checkpoint
 from idc_lightning.evaluation.report import publish_test_report, write_results
+from idc_lightning.model_card import write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics = publish_test_report(trainer, run.model, metrics, output_dir)
         else:
             write_results(output_dir / "results.json", metrics)
+        if best:
+            write_model_card(output_dir / "MODEL_CARD.md", read_checkpoint(best), metrics)
         log.info("Run folder: %s", output_dir)
         if (output_dir / "heatmaps").is_dir():
             log.info("Heatmaps: %s", output_dir / "heatmaps")

@@ -43,16 +43,15 @@ def compose_config(config_name: str, output_dir: Path, data_dir: Path, overrides
     """Compose like the CLI would, with hydra's runtime values set so ${hydra:...} resolves."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        # The tiny generated set, unless the test picks its own data (data=kaggle data.root=...).
+        # The tiny generated set, unless the test picks its own data (data=kaggle data.root=...); export has no
+        # data or trainer, and only train has a model group (eval and predict take it from the checkpoint).
         tiny = [] if any(o.startswith("data=") for o in overrides) else [
             "data=synthetic", *(f"data.synthetic.{key}={value}" for key, value in TINY.items())]
+        runs_data = ([*tiny, "data.num_workers=0", "data.batch_size=32", "trainer.accelerator=cpu"]
+                     if config_name != "export" else [])
         base = [
-            *tiny,
-            "data.num_workers=0",
-            "data.batch_size=32",
-            # eval and predict take the model from the checkpoint: only train has a model group.
+            *runs_data,
             *(["model.pretrained=false"] if config_name == "train" else []),
-            "trainer.accelerator=cpu",
             "extras.print_config=false",
             f"paths.data_dir={data_dir}",
             f"paths.cache_dir={data_dir}/cache",

@@ -19,7 +19,8 @@ from idc_lightning.train import train
 
 NON_DEFAULT = ["data.image_size=64", "data.stain_norm=macenko", "model.adapt_stem=true"]
 REPRODUCED = ("test/auroc", "test/auprc", "test/f1", "test/bal_acc", "test/f1@val_thr", "test/bal_acc@val_thr",
-              "test/tp", "test/fp", "test/tn", "test/fn", "test/val_threshold", "test/patient_mean_specificity")
+              "test/tp", "test/fp", "test/tn", "test/fn", "test/val_threshold", "test/patient_mean_specificity",
+              "test/ece")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 
+from idc_lightning.evaluation.calibration import expected_calibration_error, reliability_table
 from idc_lightning.evaluation.metrics import confusion_counts
 from idc_lightning.evaluation.operating_point import is_idc
 
@@ -56,6 +57,27 @@ def write_curves(output_dir: Path, predictions: pd.DataFrame, threshold: float) 
     paths.append(output_dir / "confusion_matrix.png")
     figure.savefig(paths[-1], dpi=120, bbox_inches="tight")
     return paths
+
+
+def write_reliability_diagram(output_dir: Path, predictions: pd.DataFrame) -> Path:
+    """reliability_diagram.png: observed IDC fraction against mean predicted probability per bin; the diagonal is
+    perfect calibration. Bar widths show how many patches each bin holds."""
+    probs = predictions["prob"].to_numpy(np.float64)
+    labels = predictions["label"].to_numpy(np.int64)
+    table = reliability_table(probs, labels)
+    figure, axis = _figure((4.5, 4.5))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    axis.plot(table["mean_prob"], table["idc_fraction"], marker="o", label="test patches")
+    share = table["patches"] / table["patches"].sum()
+    axis.bar(table["mean_prob"], share, width=0.03, alpha=0.3, color="grey", label="share of patches")
+    ece = expected_calibration_error(probs, labels)
+    axis.set(xlabel="mean predicted IDC probability", ylabel="observed IDC fraction", xlim=(0, 1), ylim=(0, 1.02),
+             title=f"test reliability, ECE {ece:.3f}")
+    axis.legend(loc="upper left", fontsize=8)
+    axis.grid(alpha=0.3)
+    path = output_dir / "reliability_diagram.png"
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    return path
 
 
 def log_images(loggers: Sequence[Logger], key: str, pngs: Sequence[Path | str], captions: Sequence[str],

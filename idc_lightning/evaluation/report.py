@@ -11,7 +11,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from idc_lightning.evaluation.figures import log_images, write_curves
+from idc_lightning.evaluation.figures import log_images, write_curves, write_reliability_diagram
 from idc_lightning.evaluation.metrics import patient_means, patient_table
 from idc_lightning.interfaces import EvaluatedModel
 
@@ -30,8 +30,8 @@ def write_results(path: Path, metrics: dict[str, float]) -> Path:
 
 def write_test_report(output_dir: Path, predictions: pd.DataFrame, metrics: dict[str, float],
                       threshold: float) -> tuple[dict[str, float], list[Path]]:
-    """predictions.parquet, patients.csv and the curve PNGs, all at the operating point `threshold`; results.json
-    with the patient means added. Returns the metrics with the patient means, and the PNGs written."""
+    """predictions.parquet, patients.csv, the curve PNGs at the operating point `threshold`, the reliability diagram;
+    results.json with the patient means added. Returns the metrics with the patient means, and the PNGs written."""
     output_dir.mkdir(parents=True, exist_ok=True)
     predictions[["patient_id", "x", "y", "label", "prob"]].to_parquet(output_dir / "predictions.parquet", index=False)
     patients = patient_table(predictions, threshold)
@@ -39,7 +39,8 @@ def write_test_report(output_dir: Path, predictions: pd.DataFrame, metrics: dict
     metrics = dict(metrics)
     metrics.update({f"test/patient_mean_{name}": value for name, value in patient_means(patients).items()})
     write_results(output_dir / "results.json", metrics)
-    return metrics, write_curves(output_dir, predictions, threshold)
+    figures = [*write_curves(output_dir, predictions, threshold), write_reliability_diagram(output_dir, predictions)]
+    return metrics, figures
 
 
 def results_table(metrics: dict[str, float], output_dir: Path, fixed_threshold: float) -> Table:

@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics.classification import BinaryAUROC
 
 from idc_lightning import __version__
+from idc_lightning.evaluation.calibration import expected_calibration_error, fit_temperature, logits_of
 from idc_lightning.evaluation.metrics import binary_metrics
 from idc_lightning.evaluation.operating_point import OperatingPoint, choose_threshold
 from idc_lightning.interfaces import PatchSource
@@ -28,6 +29,11 @@ SchedulerFactory = Callable[..., Any]
 # The checkpoint entry this model adds beside Lightning's own: what eval, predict and heatmaps must reuse.
 RUN_KEY = "idc_lightning"
 VAL_THR_METRICS = ("f1", "bal_acc", "sensitivity", "specificity")
+CALIBRATIONS = (None, "none", "temperature")
+# Fewer optimizer steps than this per epoch and BatchNorm statistics and Adam's moments barely settle.
+MIN_STEPS_PER_EPOCH = 20
+# Probabilities spanning less than this are one value: ranking metrics are meaningless there.
+COLLAPSED_SPREAD = 1e-4
 
 
 def _cuda_fast_path() -> bool:
@@ -55,10 +61,13 @@ class IDCClassifier(L.LightningModule):
         threshold: float = 0.5,
         threshold_method: str = "youden",
         tta: bool = False,
+        calibrate: str | None = None,
         channels_last: bool | str = "auto",
         compile: bool | str = "auto",
     ) -> None:
         super().__init__()
+        if calibrate not in CALIBRATIONS:
+            raise ValueError(f"model.calibrate={calibrate!r}: use null or temperature")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -67,6 +76,8 @@ class IDCClassifier(L.LightningModule):
         self.channels_last = _cuda_fast_path() if channels_last == "auto" else bool(channels_last)
         self.compile_backbone = _cuda_fast_path() if compile == "auto" else bool(compile)
         self.register_buffer("loss_weights", torch.ones(2))
+        # Divides the logits of every probability the model reports; fitted on validation with calibrate=temperature.
+        self.register_buffer("temperature", torch.ones(()))
         # Until validation chooses one (and in checkpoints after it): the fixed threshold.
         self.operating_point = OperatingPoint(threshold=threshold)
         self.train_auroc = BinaryAUROC(thresholds=200)
@@ -109,10 +120,11 @@ class IDCClassifier(L.LightningModule):
         return self.head(self.backbone(images))
 
     def idc_probability(self, images: torch.Tensor) -> torch.Tensor:
-        """P(IDC); with TTA the mean over the 8 dihedral views, as histology has no orientation."""
+        """P(IDC) at the fitted temperature; with TTA the mean over the 8 dihedral views (no orientation)."""
         if not self.hparams.tta:
-            return self(images).softmax(dim=1)[:, 1]
-        return torch.stack([self(dihedral(images, k)).softmax(dim=1)[:, 1] for k in range(8)]).mean(dim=0)
+            return (self(images) / self.temperature).softmax(dim=1)[:, 1]
+        views = [(self(dihedral(images, k)) / self.temperature).softmax(dim=1)[:, 1] for k in range(8)]
+        return torch.stack(views).mean(dim=0)
 
     def _backbone_frozen(self) -> bool:
         return self._trainer is not None and self.trainer.current_epoch < self.hparams.freeze_backbone_epochs
@@ -124,6 +136,16 @@ class IDCClassifier(L.LightningModule):
         if mode and self._backbone_frozen():
             self.backbone.eval()
         return self
+
+    def on_train_start(self) -> None:
+        steps = self.trainer.num_training_batches // self.trainer.accumulate_grad_batches
+        if steps < MIN_STEPS_PER_EPOCH:
+            log.warning(
+                "Only %d optimizer steps per epoch (%s training batches, accumulate_grad_batches=%d): fewer than %d "
+                "leaves BatchNorm and the optimizer unsettled and predictions may collapse to one value. Lower "
+                "data.batch_size (or use more training patches).", steps, self.trainer.num_training_batches,
+                self.trainer.accumulate_grad_batches, MIN_STEPS_PER_EPOCH)
+        self.log("train/steps_per_epoch", float(steps), rank_zero_only=True)
 
     def on_train_epoch_start(self) -> None:
         self.train()
@@ -177,17 +199,40 @@ class IDCClassifier(L.LightningModule):
         columns = ["patient_id", "x", "y", "label", "cache_index"]
         return frame[columns].assign(prob=probs).reset_index(drop=True)
 
+    def _calibrate(self, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Refit the temperature on these validation probabilities; return them recalibrated.
+
+        They were computed at the current temperature T: rescaling their logits by s gives the same as
+        recomputing at T * s, so no second pass over the validation set is needed (exact without TTA).
+        """
+        logits = logits_of(probs)
+        scale = fit_temperature(logits, labels)
+        self.temperature.mul_(scale)
+        return 1.0 / (1.0 + np.exp(-logits / scale))
+
+    def _warn_if_collapsed(self, split: str, probs: np.ndarray) -> float:
+        spread = float(probs.max() - probs.min())
+        if spread < COLLAPSED_SPREAD:
+            log.warning("%s probabilities collapsed to one value (%.4f for all %d patches): AUROC and the operating "
+                        "point mean nothing; train longer with more optimizer steps per epoch (smaller "
+                        "data.batch_size)", split, float(probs.mean()), len(probs))
+        return float(spread < COLLAPSED_SPREAD)
+
     def on_validation_epoch_end(self) -> None:
         probs, labels, index = self._gather("val")
         if len(probs) == 0:
             return
+        if self.hparams.calibrate == "temperature" and not self.trainer.sanity_checking:
+            probs = self._calibrate(probs, labels)
         # At the fixed threshold, like test/f1: the operating point chosen below is fitted to these very patches.
         metrics = binary_metrics(probs, labels, self.fixed_threshold)
         method = self.hparams.threshold_method
         threshold = choose_threshold(probs, labels, method, fallback=self.fixed_threshold)
         self.operating_point = OperatingPoint(threshold=threshold, method=method, chosen_on="val")
         logged = {f"val/{k}": metrics[k] for k in ("auroc", "f1", "bal_acc", "auprc")}
-        logged["val/threshold"] = threshold
+        logged.update({"val/threshold": threshold, "val/ece": expected_calibration_error(probs, labels),
+                       "val/temperature": float(self.temperature),
+                       "val/collapsed": self._warn_if_collapsed("val", probs)})
         self.log_dict(logged, sync_dist=True)
         self.predictions["val"] = self._predictions_frame("val", probs, index)
 
@@ -198,6 +243,8 @@ class IDCClassifier(L.LightningModule):
         self.test_metrics = {f"test/{k}": float(v) for k, v in at_fixed.items()}
         self.test_metrics.update({f"test/{k}@val_thr": float(at_val[k]) for k in VAL_THR_METRICS})
         self.test_metrics["test/val_threshold"] = self.operating_point.threshold
+        self.test_metrics["test/ece"] = expected_calibration_error(probs, labels)
+        self.test_metrics["test/collapsed"] = self._warn_if_collapsed("test", probs) if len(probs) else 0.0
         self.log_dict(self.test_metrics, sync_dist=True)
         self.predictions["test"] = self._predictions_frame("test", probs, index)
 
