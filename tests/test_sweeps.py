@@ -129,14 +129,25 @@ def test_failed_job_is_recorded_and_the_other_jobs_still_run(tiny_data_dir: Path
 
 
 @pytest.mark.slow
-def test_optuna_sweep_runs_two_trials(tiny_data_dir: Path, tmp_path: Path) -> None:
-    sweep = tmp_path / "optuna"
-    cli("idc_lightning.train", tiny_data_dir, "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.sampler.n_startup_trials=2", *FAST, f"hydra.sweep.dir={sweep}")
-    assert (sweep / "0" / "results.json").is_file() and (sweep / "1" / "results.json").is_file()
-    assert (sweep / "optimization_results.yaml").is_file()
-    summary = pd.read_csv(sweep / "summary.csv")
-    assert len(summary) == 2 and "model.optimizer.lr" in summary and summary["val/auroc"].notna().all()
+def test_optuna_study_in_sqlite_resumes_on_a_second_launch(tiny_data_dir: Path, tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = ["-m", "hparams_search=optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=tiny",
+             "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2", *FAST]
+    cli("idc_lightning.train", tiny_data_dir, *study, f"hydra.sweep.dir={tmp_path / 'a'}")
+    # In parallel: submitit_local runs the batch of n_jobs trials as processes at once.
+    cli("idc_lightning.train", tiny_data_dir, *study, "hydra.sweeper.n_jobs=2", "hydra/launcher=submitit_local",
+        f"hydra.sweep.dir={tmp_path / 'b'}")
+    for sweep in (tmp_path / "a", tmp_path / "b"):
+        assert (sweep / "0" / "results.json").is_file() and (sweep / "1" / "results.json").is_file()
+        assert (sweep / "optimization_results.yaml").is_file()
+        summary = pd.read_csv(sweep / "summary.csv")
+        assert len(summary) == 2 and "model.optimizer.lr" in summary and summary["val/auroc"].notna().all()
+    trials = optuna.load_study(study_name="tiny", storage=storage).trials
+    assert [trial.number for trial in trials] == [0, 1, 2, 3]
+    assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
+    # An unseeded sampler: the second launch does not repeat the first launch's parameters.
+    assert len({trial.params["model.optimizer.lr"] for trial in trials}) == 4
 
 
 def test_wandb_logs_offline_with_the_sweep_as_group(tiny_data_dir: Path, tmp_path: Path) -> None:
