@@ -1,4 +1,7 @@
-"""python -m idc_lightning.train [+experiment=NAME] [overrides]: fit, test the best checkpoint, write the run."""
+"""python -m idc_lightning.train [+experiment=NAME] [overrides]: fit, test the best checkpoint, write the run.
+
+python -m idc_lightning.train resume=<run folder> [key=value ...]: continue that run in place.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from omegaconf import DictConfig
 
 from idc_lightning.builders import build_run, log_config, print_config_tree, wandb_sync_hints
 from idc_lightning.evaluation.report import publish_test_report, write_results
+from idc_lightning.resume import resumed_config
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,8 @@ def _resume_path(cfg: DictConfig) -> str | None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    if cfg.get("resume"):
+        cfg = resumed_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run = build_run(cfg)
     trainer = run.trainer

@@ -197,10 +197,14 @@ def _global_step(checkpoint: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_killed_run_resumes_from_last_checkpoint(kill: signal.Signals, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM: resume=<run folder>. SIGKILL: rerun the same command with ckpt_path=last, as a SLURM requeue does.
+    Either way one CSV log and one W&B run id continue across the two launches."""
     run_dir, epochs, steps = tmp_path / "run", 4, 8
     overrides = ["trainer.accelerator=cpu", f"trainer.max_epochs={epochs}", f"trainer.limit_train_batches={steps}",
-                 "data.batch_size=8", "callbacks.early_stopping=null", "callbacks.heatmap=null",
-                 f"hydra.run.dir={run_dir}"]
+                 "trainer.log_every_n_steps=2", "data.batch_size=8", "callbacks.early_stopping=null",
+                 "callbacks.heatmap=null", "logger=many", f"hydra.run.dir={run_dir}"]
+    if kill == signal.SIGKILL:
+        overrides.append("ckpt_path=last")  # from scratch while there is no last.ckpt
     first = subprocess.Popen(cli_command("idc_lightning.train", tiny_data_dir, *overrides), cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr.txt").open("w"), env=OFFLINE_ENV)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -217,9 +221,18 @@ def test_killed_run_resumes_from_last_checkpoint(kill: signal.Signals, tiny_data
         assert "Received SIGTERM" in stderr
         # Nothing new to save when the signal lands right after an epoch's checkpoint, before the next step.
         assert "SIGTERMException was raised" in stderr or _global_step(last) % steps == 0, stderr[-2000:]
-    cli("idc_lightning.train", tiny_data_dir, *overrides, "ckpt_path=last")
+        cli("idc_lightning.train", tiny_data_dir, f"resume={run_dir}")
+    else:
+        cli("idc_lightning.train", tiny_data_dir, *overrides)
     assert _global_step(last) == epochs * steps
     assert json.loads((run_dir / "results.json").read_text())["test/auroc"] is not None
+    metrics = pd.read_csv(run_dir / "csv" / "metrics.csv")
+    training = metrics.dropna(subset=["train/loss_step"])
+    assert set(training["epoch"]) == set(range(epochs)) and training["step"].max() == epochs * steps - 1
+    if kill == signal.SIGTERM:  # nothing after last.ckpt was logged, so no step is logged twice
+        assert training["step"].is_monotonic_increasing and training["step"].is_unique
+    run_id = (run_dir / "wandb_run_id.txt").read_text()
+    assert [path.name.rsplit("-", 1)[1] for path in (run_dir / "wandb").glob("offline-run-*")] == [run_id] * 2
 
 
 def test_slurm_launcher_composes_one_task_per_gpu(tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
