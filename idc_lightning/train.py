@@ -1,6 +1,7 @@
 """python -m idc_lightning.train [+experiment=NAME] [overrides]: fit, test the best checkpoint, write the run.
 
 python -m idc_lightning.train resume=<run folder> [key=value ...]: continue that run in place.
+python -m idc_lightning.train tune=lr: find a learning rate (lr_finder.png) instead of training.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from omegaconf import DictConfig
 from idc_lightning.builders import build_run, log_config, print_config_tree, wandb_sync_hints
 from idc_lightning.evaluation.report import publish_test_report, write_results
 from idc_lightning.resume import resumed_config
+from idc_lightning.tune import find_lr
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero and cfg.extras.print_config:
         print_config_tree(cfg)
     log_config(run, cfg)
+    if cfg.get("tune"):
+        return find_lr(run, cfg.tune, Path(cfg.paths.output_dir))
     metrics: dict[str, float] = {}
     checkpoint = trainer.checkpoint_callback
     best = ""
