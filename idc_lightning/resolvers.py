@@ -1,4 +1,5 @@
-"""OmegaConf resolvers for defaults that depend on the machine: GPU precision, W&B mode, sweep group."""
+"""OmegaConf resolvers for defaults that depend on the machine (GPU precision, W&B mode, sweep group) or on the run
+folder being resumed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+
+from idc_lightning import resume
 
 
 def auto_precision() -> str:
@@ -38,3 +41,6 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("idc.auto_precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("idc.wandb_offline", wandb_offline, replace=True)
     OmegaConf.register_new_resolver("idc.sweep_group", sweep_group, replace=True)
+    OmegaConf.register_new_resolver("idc.run_dir", resume.run_dir, replace=True)
+    OmegaConf.register_new_resolver("idc.hydra_subdir", resume.hydra_subdir, replace=True)
+    OmegaConf.register_new_resolver("idc.wandb_run_id", resume.wandb_run_id, replace=True)

@@ -1,4 +1,8 @@
-"""python -m idc_lightning.train [+experiment=NAME] [overrides]: fit, test the best checkpoint, write the run."""
+"""python -m idc_lightning.train [+experiment=NAME] [overrides]: fit, test the best checkpoint, write the run.
+
+python -m idc_lightning.train resume=<run folder> [key=value ...]: continue that run in place.
+python -m idc_lightning.train tune=lr: find a learning rate (lr_finder.png) instead of training.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from idc_lightning.builders import build_run, log_config, print_config_tree, wan
 from idc_lightning.checkpoints import read_checkpoint
 from idc_lightning.evaluation.report import publish_test_report, write_results
 from idc_lightning.model_card import write_model_card
+from idc_lightning.resume import resumed_config
+from idc_lightning.tune import find_lr
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +34,16 @@ def _resume_path(cfg: DictConfig) -> str | None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    if cfg.get("resume"):
+        cfg = resumed_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run = build_run(cfg)
     trainer = run.trainer
     if trainer.is_global_zero and cfg.extras.print_config:
         print_config_tree(cfg)
     log_config(run, cfg)
+    if cfg.get("tune"):
+        return find_lr(run, cfg.tune, Path(cfg.paths.output_dir))
     metrics: dict[str, float] = {}
     checkpoint = trainer.checkpoint_callback
     best = ""

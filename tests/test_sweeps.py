@@ -129,14 +129,25 @@ def test_failed_job_is_recorded_and_the_other_jobs_still_run(tiny_data_dir: Path
 
 
 @pytest.mark.slow
-def test_optuna_sweep_runs_two_trials(tiny_data_dir: Path, tmp_path: Path) -> None:
-    sweep = tmp_path / "optuna"
-    cli("idc_lightning.train", tiny_data_dir, "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.sampler.n_startup_trials=2", *FAST, f"hydra.sweep.dir={sweep}")
-    assert (sweep / "0" / "results.json").is_file() and (sweep / "1" / "results.json").is_file()
-    assert (sweep / "optimization_results.yaml").is_file()
-    summary = pd.read_csv(sweep / "summary.csv")
-    assert len(summary) == 2 and "model.optimizer.lr" in summary and summary["val/auroc"].notna().all()
+def test_optuna_study_in_sqlite_resumes_on_a_second_launch(tiny_data_dir: Path, tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = ["-m", "hparams_search=optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=tiny",
+             "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2", *FAST]
+    cli("idc_lightning.train", tiny_data_dir, *study, f"hydra.sweep.dir={tmp_path / 'a'}")
+    # In parallel: submitit_local runs the batch of n_jobs trials as processes at once.
+    cli("idc_lightning.train", tiny_data_dir, *study, "hydra.sweeper.n_jobs=2", "hydra/launcher=submitit_local",
+        f"hydra.sweep.dir={tmp_path / 'b'}")
+    for sweep in (tmp_path / "a", tmp_path / "b"):
+        assert (sweep / "0" / "results.json").is_file() and (sweep / "1" / "results.json").is_file()
+        assert (sweep / "optimization_results.yaml").is_file()
+        summary = pd.read_csv(sweep / "summary.csv")
+        assert len(summary) == 2 and "model.optimizer.lr" in summary and summary["val/auroc"].notna().all()
+    trials = optuna.load_study(study_name="tiny", storage=storage).trials
+    assert [trial.number for trial in trials] == [0, 1, 2, 3]
+    assert all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
+    # An unseeded sampler: the second launch does not repeat the first launch's parameters.
+    assert len({trial.params["model.optimizer.lr"] for trial in trials}) == 4
 
 
 def test_wandb_logs_offline_with_the_sweep_as_group(tiny_data_dir: Path, tmp_path: Path) -> None:
@@ -186,10 +197,14 @@ def _global_step(checkpoint: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_killed_run_resumes_from_last_checkpoint(kill: signal.Signals, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM: resume=<run folder>. SIGKILL: rerun the same command with ckpt_path=last, as a SLURM requeue does.
+    Either way one CSV log and one W&B run id continue across the two launches."""
     run_dir, epochs, steps = tmp_path / "run", 4, 8
     overrides = ["trainer.accelerator=cpu", f"trainer.max_epochs={epochs}", f"trainer.limit_train_batches={steps}",
-                 "data.batch_size=8", "callbacks.early_stopping=null", "callbacks.heatmap=null",
-                 f"hydra.run.dir={run_dir}"]
+                 "trainer.log_every_n_steps=2", "data.batch_size=8", "callbacks.early_stopping=null",
+                 "callbacks.heatmap=null", "logger=many", f"hydra.run.dir={run_dir}"]
+    if kill == signal.SIGKILL:
+        overrides.append("ckpt_path=last")  # from scratch while there is no last.ckpt
     first = subprocess.Popen(cli_command("idc_lightning.train", tiny_data_dir, *overrides), cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr.txt").open("w"), env=OFFLINE_ENV)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -206,9 +221,18 @@ def test_killed_run_resumes_from_last_checkpoint(kill: signal.Signals, tiny_data
         assert "Received SIGTERM" in stderr
         # Nothing new to save when the signal lands right after an epoch's checkpoint, before the next step.
         assert "SIGTERMException was raised" in stderr or _global_step(last) % steps == 0, stderr[-2000:]
-    cli("idc_lightning.train", tiny_data_dir, *overrides, "ckpt_path=last")
+        cli("idc_lightning.train", tiny_data_dir, f"resume={run_dir}")
+    else:
+        cli("idc_lightning.train", tiny_data_dir, *overrides)
     assert _global_step(last) == epochs * steps
     assert json.loads((run_dir / "results.json").read_text())["test/auroc"] is not None
+    metrics = pd.read_csv(run_dir / "csv" / "metrics.csv")
+    training = metrics.dropna(subset=["train/loss_step"])
+    assert set(training["epoch"]) == set(range(epochs)) and training["step"].max() == epochs * steps - 1
+    if kill == signal.SIGTERM:  # nothing after last.ckpt was logged, so no step is logged twice
+        assert training["step"].is_monotonic_increasing and training["step"].is_unique
+    run_id = (run_dir / "wandb_run_id.txt").read_text()
+    assert [path.name.rsplit("-", 1)[1] for path in (run_dir / "wandb").glob("offline-run-*")] == [run_id] * 2
 
 
 def test_slurm_launcher_composes_one_task_per_gpu(tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:

@@ -109,3 +109,27 @@ def test_unknown_experiment_lists_the_choices(tmp_path: Path) -> None:
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "experiment/nope" in done.stderr and "demo" in done.stderr and "resnet18" in done.stderr
+
+
+def test_trainer_knobs_users_type_need_no_plus(make_cfg) -> None:
+    from idc_lightning.builders import build_run
+
+    trainer = build_run(make_cfg("train", [
+        "trainer.accumulate_grad_batches=4", "trainer.gradient_clip_val=1", "trainer.gradient_clip_algorithm=value",
+        "trainer.val_check_interval=0.5", "trainer.benchmark=false"])).trainer
+    assert (trainer.accumulate_grad_batches, trainer.gradient_clip_val, trainer.gradient_clip_algorithm) == (
+        4, 1, "value")
+    assert trainer.val_check_interval == 0.5
+
+
+@pytest.mark.slow
+def test_cli_tune_lr_saves_the_finder_plot_and_prints_the_suggestion(tiny_data_dir: Path, tmp_path: Path) -> None:
+    from test_sweeps import cli
+
+    run = tmp_path / "tune"
+    done = cli("idc_lightning.train", tiny_data_dir, "tune=lr", "tune.num_training=20", "tune.min_lr=1e-5",
+               "trainer.accelerator=cpu", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=1",
+               f"hydra.run.dir={run}")
+    assert "Suggested learning rate: model.optimizer.lr=" in done.stdout
+    assert (run / "lr_finder.png").is_file()
+    assert not (run / "results.json").exists() and not list((run / "checkpoints").glob("epoch_*.ckpt"))
