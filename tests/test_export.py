@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REAL_DATA, compose_config
+from conftest import REAL_DATA, REPO, compose_config
 
 from idc_lightning.checkpoints import read_checkpoint
 from idc_lightning.data.augment_config import AugmentConfig
@@ -85,3 +87,16 @@ def test_short_epochs_are_warned_about(make_cfg, caplog: pytest.LogCaptureFixtur
         train(make_cfg("train", ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "test=false",
                                  "callbacks.heatmap=null"]))
     assert "Only 2 optimizer steps per epoch" in caplog.text and "Lower data.batch_size" in caplog.text
+
+
+@pytest.mark.slow
+def test_export_cli(calibrated_run, tmp_path: Path) -> None:
+    run, _ = calibrated_run
+    ckpt = next((run / "checkpoints").glob("epoch_*.ckpt"))
+    command = [sys.executable, "-m", "idc_lightning.export", f"ckpt_path={ckpt}", "extras.print_config=false",
+               f"hydra.run.dir={tmp_path / 'export'}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "export" / "model.onnx").stat().st_size > 1_000_000
+    assert "max |difference| to the PyTorch model" in done.stderr + done.stdout
+    assert "## Test results (held-out patients)" in (tmp_path / "export" / "MODEL_CARD.md").read_text()
