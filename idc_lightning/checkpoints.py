@@ -46,6 +46,7 @@ class RunCheckpoint:
     patients: dict[str, list[str]]
     manifest_fingerprint: str
     package_version: str
+    data_root: str
 
     @property
     def seen_patients(self) -> list[str]:
@@ -91,7 +92,8 @@ def read_checkpoint(path: str | Path) -> RunCheckpoint:
     """Load and check a checkpoint written by idc_lightning.train (weights-only: no pickled code runs)."""
     path = Path(path)
     checkpoint = _load(path)
-    missing = [key for key in (RUN_KEY, DATA_KEY, "hyper_parameters") if key not in checkpoint]
+    missing = [key for key in (RUN_KEY, DATA_KEY, "hyper_parameters", "datamodule_hyper_parameters")
+               if key not in checkpoint]
     if missing:
         raise CheckpointError(
             f"{path} is not a checkpoint of this model (IDCClassifier trained by idc_lightning.train {__version__}): "
@@ -109,6 +111,7 @@ def read_checkpoint(path: str | Path) -> RunCheckpoint:
         patients={name: list(ids) for name, ids in data["patients"].items()},
         manifest_fingerprint=data["manifest_fingerprint"],
         package_version=run["package_version"],
+        data_root=str(checkpoint.get("datamodule_hyper_parameters", {}).get("root", "")),
     )
 
 

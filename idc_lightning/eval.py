@@ -1,7 +1,8 @@
 """python -m idc_lightning.eval ckpt_path=PATH [data.root=...]: test a checkpoint on patients it has never seen.
 
-The model, its preprocessing and its operating point come from the checkpoint; the test patients are every labelled
-patient under data.root that the checkpoint did not train or validate on (or data.split_file's test rows).
+The model, its preprocessing, its operating point and (unless data.root is given) its data tree come from the
+checkpoint; the test patients are every labelled patient under data.root that the checkpoint did not train or
+validate on (or data.split_file's test rows).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     checkpoint = read_checkpoint(cfg.ckpt_path)
     settings = preprocessing_settings(cfg.data, checkpoint, cfg.allow_preprocessing_change)
-    run = build_run(cfg, checkpoint.model(), seen_patients=checkpoint.seen_patients, **settings)
+    root = cfg.data.root if cfg.data.root is not None else checkpoint.data_root
+    run = build_run(cfg, checkpoint.model(), seen_patients=checkpoint.seen_patients, root=root, **settings)
     if run.trainer.is_global_zero and cfg.extras.print_config:
         print_config_tree(cfg)
     log_config(run, cfg)

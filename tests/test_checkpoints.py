@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_config
+from conftest import REPO, compose_config
 
 from idc_lightning import __version__
 from idc_lightning.checkpoints import CheckpointError, preprocessing_settings, read_checkpoint
@@ -87,3 +89,16 @@ def test_foreign_checkpoints_are_refused_with_the_reason(tmp_path: Path) -> None
                tmp_path / "bare.ckpt")
     with pytest.raises(CheckpointError, match="lacks .*preprocessing, operating point and patients"):
         read_checkpoint(tmp_path / "bare.ckpt")
+
+
+@pytest.mark.slow
+def test_eval_cli_needs_only_the_checkpoint(trained_run, tmp_path: Path) -> None:
+    """No data, model or preprocessing option: the tree, the model and its settings all come from the checkpoint."""
+    run, trained = trained_run
+    command = [sys.executable, "-m", "idc_lightning.eval", f"ckpt_path={_checkpoint(run)}", "extras.print_config=false",
+               "trainer.accelerator=cpu", "data.num_workers=0", f"paths.cache_dir={tmp_path / 'cache'}",
+               f"hydra.run.dir={tmp_path / 'eval'}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["test/auroc"] == pytest.approx(trained["test/auroc"], abs=1e-6)
