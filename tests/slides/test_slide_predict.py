@@ -11,12 +11,13 @@ import openslide
 import pandas as pd
 import pytest
 from conftest import TINY, compose_config
-from scanner import SCAN_MPP, UPSAMPLE, slide_from_patches, write_scan
+from scanner import slide_from_patches
 
 from idc_lightning.evaluation.operating_point import is_idc
 from idc_lightning.predict import predict
 from idc_lightning.slides.geojson import check_feature_collection
 from idc_lightning.slides.readers import SlideReadError
+from idc_lightning.slides.scan_writer import SCAN_MPP, UPSAMPLE, write_scan
 
 DATASET = f"synthetic_p{TINY['num_patients']}_s{TINY['seed']}/IDC_regular_ps50_idx5"
 CELL_MM2 = (50 * 4.0) ** 2 / 1e6
