@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -16,6 +17,9 @@ from idc_lightning.evaluation.operating_point import is_idc
 from idc_lightning.evaluation.slide_grid import GridGeometry, value_grid
 from idc_lightning.slides.scale import WorkingScale
 from idc_lightning.slides.tiles import TileGrid
+
+# The figure is ~800 px wide: a larger background only costs memory (matplotlib resamples it in float64 RGBA).
+BACKGROUND_MAX_PX = 1600
 
 
 def probability_grid(grid: TileGrid, probs: np.ndarray, scale: WorkingScale) -> tuple[np.ndarray, GridGeometry]:
@@ -37,6 +41,11 @@ def write_grid(prob_grid: np.ndarray, grid: TileGrid, scale: WorkingScale, thres
 
 
 def _faded(thumbnail: np.ndarray) -> np.ndarray:
+    """Greyscale, lightened tissue, at most BACKGROUND_MAX_PX a side: morphology without competing colours."""
+    shrink = BACKGROUND_MAX_PX / max(thumbnail.shape[:2])
+    if shrink < 1:
+        size = (max(1, round(thumbnail.shape[1] * shrink)), max(1, round(thumbnail.shape[0] * shrink)))
+        thumbnail = cv2.resize(thumbnail, size, interpolation=cv2.INTER_AREA)
     grey = thumbnail.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     return np.repeat((255.0 - 0.5 * (255.0 - grey))[..., None], 3, axis=-1).astype(np.uint8)
 
