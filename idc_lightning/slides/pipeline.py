@@ -27,7 +27,7 @@ from idc_lightning.slides.readers import SLIDE_SUFFIXES, SlideReader, SlideReadE
 from idc_lightning.slides.scale import WorkingScale, working_scale
 from idc_lightning.slides.stain import STAIN_SAMPLE_TILES, StainMap, stain_map
 from idc_lightning.slides.tiles import SlideTiles, TileGrid, tile_batch
-from idc_lightning.slides.tissue import detect_tissue, read_thumbnail, tissue_tiles
+from idc_lightning.slides.tissue import detect_tissue, tissue_tiles
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ def predict_slide(trainer: L.Trainer, model: IDCClassifier, settings: SlideSetti
     reader = open_slide(path)
     try:
         scale = working_scale(reader, settings.microns_per_pixel, settings.mpp)
-        tissue = detect_tissue(read_thumbnail(reader, scale), settings.max_saturation_threshold)
-        xs, ys = tissue_tiles(tissue.mask, scale, settings.patch_size, settings.stride, settings.min_tissue)
+        tissue = detect_tissue(reader, scale, settings.max_saturation_threshold)
+        xs, ys = tissue_tiles(tissue, scale, settings.patch_size, settings.stride, settings.min_tissue)
         grid = TileGrid(xs, ys, settings.patch_size, settings.stride)
         if len(grid) == 0:
             raise SlideReadError(f"{path}: no tile has {settings.min_tissue:.0%} tissue (Otsu threshold "

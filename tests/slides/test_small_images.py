@@ -16,7 +16,7 @@ from idc_lightning.predict import predict
 from idc_lightning.slides.readers import open_slide
 from idc_lightning.slides.scale import working_scale
 from idc_lightning.slides.tiles import SlideTiles, TileGrid
-from idc_lightning.slides.tissue import detect_tissue, read_thumbnail, tissue_tiles
+from idc_lightning.slides.tissue import detect_tissue, tissue_tiles
 
 DATASET = f"synthetic_p{TINY['num_patients']}_s{TINY['seed']}/IDC_regular_ps50_idx5"
 
@@ -62,7 +62,7 @@ def test_slide_tiles_reproduce_the_patch_predictions(
 def tiles_of(path: Path, stride: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
     reader = open_slide(path)
     scale = working_scale(reader, 4.0)
-    xs, ys = tissue_tiles(detect_tissue(read_thumbnail(reader, scale), 20).mask, scale, 50, stride, 0.5)
+    xs, ys = tissue_tiles(detect_tissue(reader, scale, 20), scale, 50, stride, 0.5)
     tiles = SlideTiles(path, scale, TileGrid(xs, ys, 50, stride), 255, None)
     return np.stack([tile for tile, _ in tiles]), list(zip(xs.tolist(), ys.tolist(), strict=True))
 
