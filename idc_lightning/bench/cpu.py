@@ -87,8 +87,8 @@ def run_cpu(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
         f"Whole slide: `predict` on synthetic scans of {' and '.join(f'{side:,}' for side in sides)} px at level 0 "
         "(0.25 um/px, three levels, Aperio-style SVS written by slides.scan_writer) with a ResNet-18 "
         "IDCClassifier (not pretrained), end to end: thumbnail and tissue mask, tiles streamed window by window "
-        "through Lightning's predict loop, GeoJSON and overlay; the model share is the normalisation and forward "
-        "alone on as many tiles",
+        "through Lightning's predict loop, GeoJSON and overlay; the model share is the time inside predict_step "
+        "(the forward) in the same run",
         "GPU: see docs/benchmarks_gpu.md (benchmarks/gpu.sh on a CUDA machine)",
     ]
     return rows, notes

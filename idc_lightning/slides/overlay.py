@@ -18,8 +18,8 @@ from idc_lightning.evaluation.slide_grid import GridGeometry, value_grid
 from idc_lightning.slides.scale import WorkingScale
 from idc_lightning.slides.tiles import TileGrid
 
-# The figure is ~800 px wide: a larger background only costs memory (matplotlib resamples it in float64 RGBA).
-BACKGROUND_MAX_PX = 1600
+# The axes are ~700 px wide: a larger background only costs memory (matplotlib resamples it in float64 RGBA).
+BACKGROUND_MAX_PX = 800
 
 
 def probability_grid(grid: TileGrid, probs: np.ndarray, scale: WorkingScale) -> tuple[np.ndarray, GridGeometry]:
