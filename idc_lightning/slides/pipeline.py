@@ -62,9 +62,11 @@ def is_slide_folder(folder: Path) -> bool:
 
 
 def list_slides(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(files to try, folders skipped): every visible file is tried, so unsupported ones get a listed reason."""
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    return [p for p in entries if p.is_file()], [p for p in entries if p.is_dir()]
+    """(files to try, entries skipped): every visible file is tried, so unsupported ones get a listed reason;
+    folders (a MIRAX slide's data folder) and hidden files (.DS_Store) are skipped."""
+    entries = sorted(folder.iterdir())
+    files = [p for p in entries if p.is_file() and not p.name.startswith(".")]
+    return files, [p for p in entries if p not in files]
 
 
 def output_names(paths: list[Path]) -> dict[Path, str]:
@@ -73,11 +75,11 @@ def output_names(paths: list[Path]) -> dict[Path, str]:
     return {p: p.name if (stems == p.stem).sum() > 1 else p.stem for p in paths}
 
 
-def _stain_sample(reader: SlideReader, scale: WorkingScale, grid: TileGrid) -> np.ndarray:
+def _stain_sample(reader: SlideReader, scale: WorkingScale, grid: TileGrid, pad_value: int) -> np.ndarray:
     """Up to STAIN_SAMPLE_TILES tissue tiles spread over the slide, read at the working scale."""
     chosen = np.unique(np.linspace(0, len(grid) - 1, min(len(grid), STAIN_SAMPLE_TILES)).round().astype(int))
     sample = TileGrid(grid.x[chosen], grid.y[chosen], grid.tile, grid.stride)
-    tiles = SlideTiles(reader.path, scale, sample, 255, None)
+    tiles = SlideTiles(reader.path, scale, sample, pad_value, None)
     return np.stack([tile for tile, _ in tiles])
 
 
@@ -110,7 +112,7 @@ def predict_slide(trainer: L.Trainer, model: IDCClassifier, settings: SlideSetti
                                  "predict.min_tissue to keep fainter tiles")
         stain: StainMap | None = None
         if settings.stain_reference is not None:
-            stain = stain_map(_stain_sample(reader, scale, grid), settings.stain_reference)
+            stain = stain_map(_stain_sample(reader, scale, grid, settings.pad_value), settings.stain_reference)
     finally:
         reader.close()
     log.info("%s: %g um/px (%s), level %d resized %.3gx to %g um/px, %d tissue tiles", path, scale.slide_mpp,
@@ -156,9 +158,9 @@ def predict_slides(trainer: L.Trainer, model: IDCClassifier, settings: SlideSett
     A single slide that fails raises; in a folder, a failing file is listed in slides.csv with its error and the
     others still run.
     """
-    paths, folders = list_slides(source) if source.is_dir() else ([source], [])
-    for folder in folders:
-        log.info("Skipped folder %s: slides are read from files (a MIRAX .mrxs finds its data folder itself)", folder)
+    paths, skipped_entries = list_slides(source) if source.is_dir() else ([source], [])
+    for skipped in skipped_entries:
+        log.info("Skipped %s: a folder or hidden file (a MIRAX .mrxs finds its data folder itself)", skipped)
     names = output_names(paths)
     rows, tiles = [], []
     for path in tqdm(paths, desc="slides", unit="slide", disable=len(paths) < 2):

@@ -134,10 +134,14 @@ class TiffReader:
     def _level(self, level: int) -> np.ndarray:
         if level not in self._decoded:
             page = self._levels[level].keyframe
-            if page.is_memmappable:
-                pixels = tifffile.memmap(self.path, series=0, level=level, mode="r")
-            else:
-                pixels = self._levels[level].asarray()
+            try:
+                if page.is_memmappable:
+                    pixels = tifffile.memmap(self.path, series=0, level=level, mode="r")
+                else:
+                    pixels = self._levels[level].asarray()
+            except (tifffile.TiffFileError, ValueError, OSError) as error:
+                raise SlideReadError(f"{self.path}: level {level} could not be decoded (corrupt TIFF?): "
+                                     f"{error}") from error
             self._decoded[level] = _rgb(pixels, self.path)
         return self._decoded[level]
 

@@ -44,12 +44,12 @@ def windows(grid: TileGrid, scale: WorkingScale) -> list[np.ndarray]:
     return np.split(order, starts[1:])
 
 
-def read_window(reader_region: np.ndarray, size: tuple[int, int], zoom: float) -> np.ndarray:
+def to_working_scale(region: np.ndarray, size: tuple[int, int], zoom: float) -> np.ndarray:
     """A region read at the working level, resized to `size` working pixels (area averaging when shrinking)."""
     interpolation = cv2.INTER_AREA if zoom >= 1 else cv2.INTER_LINEAR
-    if reader_region.shape[1::-1] == size:
-        return reader_region
-    return cv2.resize(reader_region, size, interpolation=interpolation)
+    if region.shape[1::-1] == size:
+        return region
+    return cv2.resize(region, size, interpolation=interpolation)
 
 
 class SlideTiles(IterableDataset):
@@ -89,7 +89,7 @@ class SlideTiles(IterableDataset):
         x1, y1 = min(round(right * scale.zoom), level_width), min(round(bottom * scale.zoom), level_height)
         region = reader.read_region((round(left * scale.level0_per_px), round(top * scale.level0_per_px)),
                                     scale.level, (x1 - x0, y1 - y0))
-        pixels = read_window(region, (right - left, bottom - top), scale.zoom)
+        pixels = to_working_scale(region, (right - left, bottom - top), scale.zoom)
         if self.stain is not None:
             pixels = self.stain(pixels)
         canvas = np.full((int(ys.max()) + tile - top, int(xs.max()) + tile - left, 3), self.pad_value, np.uint8)

@@ -111,6 +111,8 @@ def test_bad_slides_fail_clearly_alone_and_are_listed_in_a_folder(tiny_data_dir:
     data = scans["aperio"].read_bytes()
     (folder / "truncated.svs").write_bytes(data[: len(data) // 3])
     (folder / "notes.txt").write_text("scanned on Tuesday")
+    (folder / ".DS_Store").write_bytes(b"Bud1")  # hidden: skipped, like a MIRAX data folder
+    (folder / "case_data").mkdir()
     write_scan(np.full((200, 200, 3), 250, np.uint8), folder / "glass.tif", "resolution")
 
     expected = {"garbage.svs": "OpenSlide does not recognise", "truncated.svs": "corrupt",
