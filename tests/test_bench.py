@@ -20,6 +20,7 @@ LOADER_PATHS = {"PIL per file + albumentations", "cache + albumentations", "cach
 AUGMENT_ALONE = "batch augment alone (CPU, no loader)"
 GPU_DRY_RUN_TRAIN = {"GPU-resident eager fp32 50px", "GPU-resident eager bf16 50px", "DataLoader eager bf16 50px",
                      "device aug eager bf16 50px", "GPU-resident eager fp32 64px", "GPU-resident eager bf16 64px"}
+WHOLE_SLIDE = ("predict tiles/s", "model share", "peak memory")
 GPU_DRY_RUN_INFERENCE = {"GPU-resident eager fp32 50px", "GPU-resident eager bf16 50px",
                          "GPU-resident eager bf16 64px"}
 
@@ -42,6 +43,7 @@ def test_quick_bench_writes_every_row(tmp_path: Path) -> None:
     assert by_section["loader (synthetic)"] == LOADER_PATHS | {AUGMENT_ALONE}
     assert by_section["memory (synthetic)"] == LOADER_PATHS
     assert by_section["training (cpu)"] == {"bare PyTorch loop", "Lightning Trainer", "Lightning overhead"}
+    assert by_section["whole slide (cpu)"] == {f"{kind}, 4000px level 0" for kind in WHOLE_SLIDE}
     assert all(row.value > 0 for row in rows if row.measurement != "Lightning overhead")
 
     text = out.read_text()
@@ -59,6 +61,7 @@ def test_gpu_dry_run_measures_every_eager_row_and_lists_compile_as_skipped(tmp_p
     assert by_section["gpu train"] == GPU_DRY_RUN_TRAIN
     assert by_section["gpu inference"] == GPU_DRY_RUN_INFERENCE
     assert by_section["gpu memory"] == {"resident patch set"}
+    assert by_section["whole slide (cpu dry run)"] == {f"{kind}, 4000px level 0" for kind in WHOLE_SLIDE}
     assert all(row.value > 0 for row in rows if row.section.startswith("gpu"))
     assert all("(extrapolated)" in row.note for row in rows if row.section == "gpu train")
 

@@ -12,6 +12,8 @@ import argparse
 import os
 from pathlib import Path
 
+import torch
+
 from idc_lightning.bench.builds import measure_builds, measure_synthetic
 from idc_lightning.bench.loaders import (
     LOADER_BATCH,
@@ -23,7 +25,13 @@ from idc_lightning.bench.loaders import (
 )
 from idc_lightning.bench.report import Row
 from idc_lightning.bench.training import measure_training
+from idc_lightning.bench.whole_slide import run_whole_slide
 from idc_lightning.data.synthetic import SyntheticSlides
+
+# Level-0 sides of the synthetic whole-slide scans (0.25 um/px): both fill the read windows to their bound, so
+# their peak memories show what the slide's size adds.
+SLIDE_SIDES = (20_000, 40_000)
+QUICK_SLIDE_SIDES = (4_000,)
 
 
 def _load_average() -> str:
@@ -51,6 +59,8 @@ def run_cpu(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
     if real_cache is not None:
         rows += measure_loaders("real sample", real, real_cache, args.seconds)
     rows += measure_training(cache, args.train_steps)
+    sides = QUICK_SLIDE_SIDES if args.quick else SLIDE_SIDES
+    rows += run_whole_slide(args.data_dir, sides, torch.device("cpu"))
     sample = "absent (skipped)"
     if real_cache is not None:
         sample = describe_sample(real, real_cache.rows["patient_id"].nunique())
@@ -74,6 +84,11 @@ def run_cpu(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
         "(e.g. after the batch-augment path), so compare the +deltas, not the totals",
         "Build times: manifest = a fresh scan (no parquet reuse) right after generating/scanning, so the directory "
         "cache is warm; cache = a fresh build (the old one deleted first) with one process per CPU",
+        f"Whole slide: `predict` on synthetic scans of {' and '.join(f'{side:,}' for side in sides)} px at level 0 "
+        "(0.25 um/px, three levels, Aperio-style SVS written by slides.scan_writer) with a ResNet-18 "
+        "IDCClassifier (not pretrained), end to end: thumbnail and tissue mask, tiles streamed window by window "
+        "through Lightning's predict loop, GeoJSON and overlay; the model share is the time inside predict_step "
+        "(the forward) in the same run",
         "GPU: see docs/benchmarks_gpu.md (benchmarks/gpu.sh on a CUDA machine)",
     ]
     return rows, notes

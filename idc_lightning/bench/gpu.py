@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import time
 
@@ -16,6 +17,11 @@ from idc_lightning.data.synthetic import SyntheticSlides
 
 GPU_BATCH = 256
 DRY_RUN_BATCH = 8
+# The whole-slide row: level-0 side of its synthetic scan, what it imports beyond the GPU path, a time guess.
+SLIDE_SIDE = 40_000
+DRY_RUN_SLIDE_SIDE = 4_000
+SLIDE_MODULES = ("openslide", "shapely", "tifffile", "matplotlib")
+SLIDE_ALLOWANCE_S = 240.0
 
 
 def gpu_settings(args: argparse.Namespace, deadline: float) -> GpuSettings:
@@ -30,6 +36,23 @@ def gpu_settings(args: argparse.Namespace, deadline: float) -> GpuSettings:
                        warmup_steps=5, workers=workers, deadline=deadline, compile=True)
 
 
+def _whole_slide(args: argparse.Namespace, settings: GpuSettings, skipped: list[str]) -> list[Row]:
+    """`predict` on a synthetic scan, on the device; skipped (and listed) when the time or a module is missing."""
+    side = DRY_RUN_SLIDE_SIDE if args.dry_run else SLIDE_SIDE
+    missing = [module for module in SLIDE_MODULES if importlib.util.find_spec(module) is None]
+    name = f"whole slide {side:,} px"
+    if missing:
+        skipped.append(f"{name} (this Python lacks {', '.join(missing)}; carry their wheels to run it)")
+        return []
+    if time.monotonic() + (0 if args.dry_run else SLIDE_ALLOWANCE_S) > settings.deadline:
+        skipped.append(f"{name} (would end past the time budget)")
+        return []
+    from idc_lightning.bench.whole_slide import run_whole_slide
+
+    section = "whole slide (cpu dry run)" if args.dry_run else "whole slide (gpu)"
+    return run_whole_slide(args.data_dir, (side,), settings.device, settings.workers, section)
+
+
 def run_gpu(args: argparse.Namespace, deadline: float) -> tuple[list[Row], list[str]]:
     settings = gpu_settings(args, deadline)
     started = time.monotonic()
@@ -38,7 +61,7 @@ def run_gpu(args: argparse.Namespace, deadline: float) -> tuple[list[Row], list[
     synthetic_row, root = measure_synthetic(slides, args.data_dir)
     build_rows, cache = measure_builds("synthetic", root, args.data_dir / "cache", args.workers)
     rows, skipped = measure_gpu(cache, settings)
-    rows = [synthetic_row, *build_rows, *rows]
+    rows = [synthetic_row, *build_rows, *rows, *_whole_slide(args, settings, skipped)]
     used = time.monotonic() - started
     notes = [
         "Dry run: the GPU path on the CPU with a tiny set and tiny sizes, to test the code, not to measure it"

@@ -1,0 +1,45 @@
+"""Stain normalisation of a streamed slide: the slide's stains are estimated once, from a sample of its tissue
+tiles, and every window is mapped to the checkpoint's reference with them.
+
+The training cache estimates stains over all of a patient's patches at once; estimating per window would let the
+mapping drift across the slide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# The cache's own Macenko steps, so a slide is mapped exactly as training patches were; data.stain exposes no
+# "apply with a given source" yet (asked for in the whole-slide issue's report).
+from idc_lightning.data.stain import (
+    _BACKGROUND_INTENSITY,
+    StainReference,
+    _concentrations,
+    _optical_density,
+    estimate_stains,
+)
+
+# Tiles read to estimate the slide's stains: 500 x 50 x 50 px is over a million tissue pixels.
+STAIN_SAMPLE_TILES = 500
+
+
+@dataclass(frozen=True)
+class StainMap:
+    """Maps RGB from the slide's stains (`source`) to the checkpoint's `reference`."""
+
+    source: StainReference
+    reference: StainReference
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        conc = _concentrations(_optical_density(pixels), self.source.stain_vectors)
+        conc *= self.reference.max_concentrations / self.source.max_concentrations
+        rgb = _BACKGROUND_INTENSITY * np.exp(-conc @ self.reference.stain_vectors) - 1.0
+        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(pixels.shape)
+
+
+def stain_map(sample: np.ndarray, reference: StainReference) -> StainMap | None:
+    """None when the sample has too little tissue to estimate from (tiles are then left as read)."""
+    source = estimate_stains(sample)
+    return None if source is None else StainMap(source, reference)
