@@ -40,7 +40,8 @@ def _collect(outputs: list[dict[str, torch.Tensor]]) -> tuple[np.ndarray, np.nda
 def predict_patches(cfg: DictConfig, trainer: L.Trainer, model: IDCClassifier, settings: dict,
                     root: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """A patient folder or a folder of patients in the Kaggle layout; labels are used when the names carry them."""
-    datamodule = instantiate(cfg.data, root=str(root), batch_size=cfg.predict.batch_size, **settings)
+    # The input is read as it is: nothing is generated (data.synthetic) next to a user's folder.
+    datamodule = instantiate(cfg.data, root=str(root), batch_size=cfg.predict.batch_size, synthetic=None, **settings)
     probs, index = _collect(trainer.predict(model, datamodule=datamodule))
     rows = datamodule.split_frame("predict").iloc[index]
     predictions = rows[["patient_id", "x", "y", "label", "cache_index"]].assign(prob=probs).reset_index(drop=True)

@@ -45,7 +45,8 @@ def compose_config(config_name: str, output_dir: Path, data_dir: Path, overrides
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         # The tiny generated set, unless the test picks its own data (data=kaggle data.root=...); export has no
         # data or trainer, and only train has a model group (eval and predict take it from the checkpoint).
-        tiny = [] if any(o.startswith("data=") for o in overrides) else [
+        # predict reads its input folder as it is (data=kaggle), so it never gets the generator.
+        tiny = [] if config_name == "predict" or any(o.startswith("data=") for o in overrides) else [
             "data=synthetic", *(f"data.synthetic.{key}={value}" for key, value in TINY.items())]
         runs_data = ([*tiny, "data.num_workers=0", "data.batch_size=32", "trainer.accelerator=cpu"]
                      if config_name != "export" else [])

@@ -36,7 +36,7 @@ from idc_lightning.data.splits import (
     unseen_patients_split,
 )
 from idc_lightning.data.stain import MACENKO_REFERENCE
-from idc_lightning.data.synthetic import SyntheticSlides, TruthMasks
+from idc_lightning.data.synthetic import TREE, SyntheticSlides, TruthMasks
 from idc_lightning.data.transforms import eval_transform, train_transform
 from idc_lightning.interfaces import TruthSource
 from idc_lightning.preprocessing import IMAGENET_MEAN, IMAGENET_STD, KAGGLE_MICRONS_PER_PIXEL, PATCH_SIZE, Preprocessing
@@ -116,6 +116,10 @@ class IDCDataModule(L.LightningDataModule):
         self.loader = loader
         self.sampler = sampler
         self.seed = seed
+        if synthetic is not None and self.root.name != TREE:
+            # The generator (re)writes root.parent: never aim it at a folder it did not create.
+            raise ValueError(f"data.synthetic generates slides into <folder>/{TREE}, but data.root={self.root} is "
+                             "not such a folder; read existing patches with data=kaggle data.root=PATH instead")
         self.synthetic = synthetic
         self.seen_patients = None if seen_patients is None else {str(p) for p in seen_patients}
         self.truth: TruthSource | None = TruthMasks(self.root.parent, patch_size) if synthetic is not None else None

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 
 from idc_lightning.data.datamodule import IDCDataModule
 from idc_lightning.data.splits import SplitError
+from idc_lightning.data.synthetic import SyntheticSlides
 
 
 @pytest.fixture
@@ -128,3 +129,9 @@ def test_missing_root_error_points_to_synthetic(tmp_path: Path) -> None:
     dm = IDCDataModule(root=tmp_path / "kaggle", cache_dir=tmp_path / "cache")
     with pytest.raises(FileNotFoundError, match="data=synthetic"):
         dm.prepare_data()
+
+
+def test_the_generator_never_writes_beside_a_folder_it_did_not_create(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="data=kaggle data.root=PATH"):
+        IDCDataModule(root=tmp_path / "idc_real" / "9124", cache_dir=tmp_path / "cache", synthetic=SyntheticSlides())
+    assert not (tmp_path / "idc_real").exists()
