@@ -21,7 +21,8 @@ NEEDED = {"torch": "torch", "torchvision": "torchvision", "lightning": "lightnin
           "numpy": "numpy", "pandas": "pandas", "pyarrow": "pyarrow", "cv2": "opencv-python-headless",
           "rich": "rich", "PIL": "pillow", "psutil": "psutil"}
 # Module -> pip requirement of what travels as a wheel because the lent GPU machine may lack it.
-CARRIED = {"psutil": "psutil>=5.9"}
+CARRIED = {"psutil": "psutil>=5.9", "openslide": "openslide-python>=1.4", "openslide_bin": "openslide-bin>=4.0",
+           "shapely": "shapely>=2.0"}
 HOW_TO_PREPARE = ("on a machine with network access run `make gpu-wheels`, then bring the .gpu-wheels folder to "
                   "the GPU machine with the checkout")
 
