@@ -160,7 +160,8 @@ def test_wandb_logs_offline_with_the_sweep_as_group(tiny_data_dir: Path, tmp_pat
         assert name in records, name
     assert b'"group":"wandb_sweep_7f3a"' in records  # the resolved logger config is logged with the run
     images = offline[0] / "files" / "media" / "images"
-    assert list(images.glob("heatmaps_*.png")) and len(list(images.glob("curves_*.png"))) == 3
+    # ROC, precision-recall, confusion matrix and reliability diagram
+    assert list(images.glob("heatmaps_*.png")) and len(list(images.glob("curves_*.png"))) == 4
 
 
 def test_wandb_single_run_has_no_group_and_is_offline_without_a_key(make_cfg, monkeypatch) -> None:
