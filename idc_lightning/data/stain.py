@@ -167,6 +167,15 @@ def estimate_stains(patches: np.ndarray) -> StainReference | None:
     return StainReference(stain_vectors=vectors, max_concentrations=max_conc)
 
 
+def map_stains(patches: np.ndarray, source: StainReference, reference: StainReference) -> np.ndarray:
+    """Re-express pixels stained like `source` as if stained like `reference` (uint8, any leading shape)."""
+    od = _optical_density(patches)
+    conc = _concentrations(od, source.stain_vectors)
+    conc *= reference.max_concentrations / source.max_concentrations
+    rgb = _BACKGROUND_INTENSITY * np.exp(-conc @ reference.stain_vectors) - 1.0
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(patches.shape)
+
+
 def macenko_normalize(patches: np.ndarray, reference: StainReference = MACENKO_REFERENCE) -> np.ndarray:
     """Map one patient's patches (uint8 [N,H,W,3]) to the reference stain appearance.
 
@@ -174,10 +183,4 @@ def macenko_normalize(patches: np.ndarray, reference: StainReference = MACENKO_R
     which makes per-patch estimates unstable. Input without enough tissue is returned unchanged.
     """
     source = estimate_stains(patches)
-    if source is None:
-        return patches
-    od = _optical_density(patches)
-    conc = _concentrations(od, source.stain_vectors)
-    conc *= reference.max_concentrations / source.max_concentrations
-    rgb = _BACKGROUND_INTENSITY * np.exp(-conc @ reference.stain_vectors) - 1.0
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(patches.shape)
+    return patches if source is None else map_stains(patches, source, reference)

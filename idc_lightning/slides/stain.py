@@ -11,15 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# The cache's own Macenko steps, so a slide is mapped exactly as training patches were; data.stain exposes no
-# "apply with a given source" yet (asked for in the whole-slide issue's report).
-from idc_lightning.data.stain import (
-    _BACKGROUND_INTENSITY,
-    StainReference,
-    _concentrations,
-    _optical_density,
-    estimate_stains,
-)
+# The cache's own Macenko steps, so a slide is mapped exactly as training patches were.
+from idc_lightning.data.stain import StainReference, estimate_stains, map_stains
 
 # Tiles read to estimate the slide's stains: 500 x 50 x 50 px is over a million tissue pixels.
 STAIN_SAMPLE_TILES = 500
@@ -33,10 +26,7 @@ class StainMap:
     reference: StainReference
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        conc = _concentrations(_optical_density(pixels), self.source.stain_vectors)
-        conc *= self.reference.max_concentrations / self.source.max_concentrations
-        rgb = _BACKGROUND_INTENSITY * np.exp(-conc @ self.reference.stain_vectors) - 1.0
-        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(pixels.shape)
+        return map_stains(pixels, self.source, self.reference)
 
 
 def stain_map(sample: np.ndarray, reference: StainReference) -> StainMap | None:
