@@ -59,7 +59,7 @@ def _row(job: int, lr: str, fold: int, auroc: float | None, error: str = "") -> 
     row = {"job": str(job), "data": "synthetic", "model.optimizer.lr": lr, "data.fold": str(fold),
            "status": "failed" if auroc is None else "completed", "error": error, "run_dir": f"/sweep/{job}"}
     if auroc is not None:
-        row.update({"test/auroc": auroc, "test/f1": 0.5, "val/auroc": auroc - 0.1})
+        row.update({"test/auroc": auroc, "test/f1@val_thr": 0.5, "val/auroc": auroc - 0.1})
     return row
 
 
@@ -78,14 +78,14 @@ def test_group_metrics_averages_folds_per_setting_and_skips_failed_jobs() -> Non
     assert table.loc[0, "test/auroc mean"] == pytest.approx(0.85)
     assert table.loc[0, "test/auroc std"] == pytest.approx(math.sqrt(0.005))  # sample std of 0.8, 0.9
     assert math.isnan(table.loc[1, "test/auroc std"])
-    assert "test/bal_acc mean" not in table  # metrics no job reported are left out, not filled with NaN
+    assert "test/bal_acc@val_thr mean" not in table  # metrics no job reported are left out, not filled with NaN
 
 
 def test_summary_markdown_shows_mean_std_shared_overrides_and_failures() -> None:
     error = "Traceback (most recent call last):\n  ...\nValueError: dropout must be in [0, 1]\nfull_key: model"
     frame = summary_frame([_row(0, "1e-3", 0, 0.8), _row(1, "1e-3", 1, 0.9), _row(2, "3e-4", 0, None, error)])
     text = summary_markdown(frame)
-    assert "| model.optimizer.lr | n | test/auroc | test/f1 | val/auroc |" in text
+    assert "| model.optimizer.lr | n | test/auroc | test/f1@val_thr | val/auroc |" in text
     assert "| 1e-3 | 2 | 0.8500 ± 0.0707 | 0.5000 ± 0.0000 | 0.7500 ± 0.0707 |" in text
     assert "`data=synthetic`" in text and "3 jobs: 2 completed, 1 failed" in text
     assert "| 2 | 3e-4 | ValueError: dropout must be in [0, 1] |" in text
@@ -260,3 +260,16 @@ def test_slurm_launcher_composes_one_task_per_gpu(tiny_data_dir: Path, tmp_path:
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --requeue", "#SBATCH --signal=USR2@120"):
         assert line in sbatch, line
+
+
+@pytest.mark.slow
+def test_real_cv_experiment_is_one_multirun_over_the_folds(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """+experiment=real_cv needs no -m: one job per fold of data.num_folds, one common test set, one summary."""
+    cli("idc_lightning.train", tiny_data_dir, "+experiment=real_cv", "data.num_folds=2", "+trainer.fast_dev_run=true",
+        f"hydra.sweep.dir={tmp_path / 'cv'}")
+    splits = [pd.read_csv(tmp_path / "cv" / job / "splits.csv", dtype=str) for job in ("0", "1")]
+    tests = [set(split.patient_id[split.split == "test"]) for split in splits]
+    vals = [set(split.patient_id[split.split == "val"]) for split in splits]
+    assert tests[0] == tests[1] and not vals[0] & vals[1]
+    summary = (tmp_path / "cv" / "summary.md").read_text()
+    assert "2 jobs: 2 completed" in summary and "test/f1@val_thr" in summary

@@ -24,7 +24,9 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-SUMMARY_METRICS = ("test/auroc", "test/f1", "test/bal_acc", "test/auprc", "val/auroc")
+# Test metrics at the operating point chosen on validation (never at a threshold tuned on test), and per patient.
+SUMMARY_METRICS = ("test/auroc", "test/auprc", "test/f1@val_thr", "test/bal_acc@val_thr", "test/patient_mean_auroc",
+                   "test/patient_mean_f1", "val/auroc")
 # Folds of one setting are replicates: their spread is what mean ± std reports.
 REPLICATE_KEYS = ("data.fold",)
 ERROR_FILE = "error.txt"
