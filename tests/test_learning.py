@@ -27,7 +27,8 @@ GENERATED = [
     "data.synthetic.border_noise=0.0",
 ]
 
-# The real sample's 13 patients: 8 train / 2 val / 3 test. The test patients span the sample's range of IDC
+# The 13 patients of the first real sample (it now holds 25; the others are left out by this split file, loudly):
+# 8 train / 2 val / 3 test. The test patients span the range of IDC
 # share (9022: 19%, 8917: 41%, 9124: 62%) and hold both classes; val takes two small, mid-IDC patients
 # (8955: 37%, 9035: 22%) so that most patches are left for training.
 REAL_SPLIT = {
