@@ -111,7 +111,7 @@ def read_checkpoint(path: str | Path) -> RunCheckpoint:
         patients={name: list(ids) for name, ids in data["patients"].items()},
         manifest_fingerprint=data["manifest_fingerprint"],
         package_version=run["package_version"],
-        data_root=str(checkpoint.get("datamodule_hyper_parameters", {}).get("root", "")),
+        data_root=str(checkpoint["datamodule_hyper_parameters"]["root"]),
     )
 
 

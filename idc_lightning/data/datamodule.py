@@ -158,17 +158,21 @@ class IDCDataModule(L.LightningDataModule):
             rows = rows[~unlabelled]
         self.split = self._split(rows)
         summary = split_summary(rows, self.split)
-        check_split(summary, required=("test",) if self.seen_patients is not None else ("train", "val", "test"))
+        check_split(summary, required=self._required_splits())
         joined = rows.merge(self.split, on="patient_id")
         self.frames = {name: joined[joined["split"] == name].reset_index(drop=True) for name in SPLITS}
         if self._is_global_zero():
             self._write_split()
             self._print_summary(summary)
 
+    def _required_splits(self) -> tuple[str, ...]:
+        """Training needs every split (val picks the checkpoint and the operating point); evaluation test only."""
+        return ("test",) if self.seen_patients is not None else SPLITS
+
     def _split(self, rows: pd.DataFrame) -> pd.DataFrame:
         evaluating = self.seen_patients is not None
         if self.split_file:
-            split = read_split_file(self.split_file, rows, required=("test",) if evaluating else SPLITS)
+            split = read_split_file(self.split_file, rows, required=self._required_splits())
         elif evaluating:
             return unseen_patients_split(rows, self.seen_patients)
         else:
