@@ -56,6 +56,7 @@ class IDCClassifier(L.LightningModule):
         adapt_stem: bool = False,
         dropout: float = 0.2,
         class_weights: str | Sequence[float] | None = "inverse_freq",
+        label_smoothing: float = 0.0,
         freeze_backbone_epochs: int = 0,
         backbone_lr_scale: float = 1.0,
         threshold: float = 0.5,
@@ -66,6 +67,8 @@ class IDCClassifier(L.LightningModule):
         compile: bool | str = "auto",
     ) -> None:
         super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
         if calibrate not in CALIBRATIONS:
             raise ValueError(f"model.calibrate={calibrate!r}: use null or temperature")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -159,7 +162,8 @@ class IDCClassifier(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
-        loss = F.cross_entropy(logits, batch["label"], weight=self.loss_weights)
+        loss = F.cross_entropy(logits, batch["label"], weight=self.loss_weights,
+                               label_smoothing=self.hparams.label_smoothing)
         self.train_auroc.update(logits.detach().float().softmax(dim=1)[:, 1], batch["label"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
         self.log("train/auroc", self.train_auroc, on_step=False, on_epoch=True, batch_size=len(logits))

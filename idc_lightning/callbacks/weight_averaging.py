@@ -1,0 +1,38 @@
+"""An exponential moving average of the weights, validated, checkpointed and tested in place of the raw weights.
+
+Lightning's `EMAWeightAveraging` averages every parameter and buffer. The classifier's own buffers (the loss's
+class weights from the training split, the temperature fitted on validation) are set from data, not learned:
+averaging them would blend in their initial values, so they are copied from the trained model instead, before
+each validation, checkpoint and the end of training. BatchNorm statistics, buffers of the layers, are averaged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import EMAWeightAveraging
+
+
+class ModelEMA(EMAWeightAveraging):
+    """`EMAWeightAveraging` that keeps the LightningModule's own (non-layer) buffers out of the average."""
+
+    def _copy_module_buffers(self, pl_module: L.LightningModule) -> None:
+        if self._average_model is None:
+            return
+        averaged = self._average_model.module
+        for name, buffer in pl_module.named_buffers(recurse=False):
+            getattr(averaged, name).copy_(buffer)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._copy_module_buffers(pl_module)
+        super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._copy_module_buffers(pl_module)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._copy_module_buffers(pl_module)
+        super().on_train_end(trainer, pl_module)
