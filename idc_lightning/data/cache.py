@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -16,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+
+from idc_lightning.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +156,18 @@ def build_cache(
     ]
     workers = workers if workers is not None else (os.cpu_count() or 1)
     failures: list[tuple[int, str]] = []
-    if workers <= 1 or len(manifest) < 500:
-        for task in tasks:
-            failures += _decode_patient(*task, patch_size, pad_value, stain_norm)
-    else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_decode_patient, *task, patch_size, pad_value, stain_norm) for task in tasks]
-            for future in futures:
-                failures += future.result()
+    with progress_bar(f"Packing patches into {folder}", total=len(manifest)) as advance:
+        if workers <= 1 or len(manifest) < 500:
+            for task in tasks:
+                failures += _decode_patient(*task, patch_size, pad_value, stain_norm)
+                advance(len(task[3]))
+        else:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(_decode_patient, *task, patch_size, pad_value, stain_norm): len(task[3])
+                           for task in tasks}
+                for future in as_completed(futures):
+                    failures += future.result()
+                    advance(futures[future])
     failed = dict(failures)
     rows = manifest.reset_index(drop=True).assign(cache_index=np.arange(len(manifest), dtype=np.int64))
     skipped = pd.DataFrame(

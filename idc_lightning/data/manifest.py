@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from idc_lightning.progress import progress_bar
+
 log = logging.getLogger(__name__)
 
 KAGGLE_DATASET_ID = "paultimothymooney/breast-histopathology-images"
@@ -69,17 +71,20 @@ def _walk_files(root: Path, exclude: Path | str | None = None) -> list[TreeFile]
     excluded = _excluded_folder(exclude)
     found: list[TreeFile] = []
     stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        with os.scandir(root / rel_dir) as entries:
-            for entry in entries:
-                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-                if entry.is_dir(follow_symlinks=True):
-                    if not _is_excluded(entry.path, excluded):
-                        stack.append(rel)
-                elif entry.is_file(follow_symlinks=True):
-                    stat = entry.stat(follow_symlinks=True)
-                    found.append((rel_dir, entry.name, stat.st_size, stat.st_mtime_ns))
+    with progress_bar(f"Scanning {root}", total=None) as advance:
+        while stack:
+            rel_dir = stack.pop()
+            before = len(found)
+            with os.scandir(root / rel_dir) as entries:
+                for entry in entries:
+                    rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                    if entry.is_dir(follow_symlinks=True):
+                        if not _is_excluded(entry.path, excluded):
+                            stack.append(rel)
+                    elif entry.is_file(follow_symlinks=True):
+                        stat = entry.stat(follow_symlinks=True)
+                        found.append((rel_dir, entry.name, stat.st_size, stat.st_mtime_ns))
+            advance(len(found) - before)
     return found
 
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from idc_lightning.data.slide_painter import PATCH, cell_share, render_slide
+from idc_lightning.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +113,21 @@ class SyntheticSlides:
                 for index, pid in enumerate(self.patient_ids())]
         workers = min(self.workers or os.cpu_count() or 1, len(jobs))
         log.info("Writing %d synthetic patients to %s with %d workers", len(jobs), out_dir, workers)
-        if workers == 1:
-            stats = [_write_patient(job) for job in jobs]
-        else:
-            # spawn, not fork: a child forked after OpenCV started its thread pool can deadlock in it.
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_single_threaded_cv2) as pool:
-                stats = []
-                for stat in pool.map(_write_patient, jobs):
-                    stats.append(stat)
-                    if len(stats) % max(len(jobs) // 10, 1) == 0:
-                        log.info("%d/%d patients written", len(stats), len(jobs))
+        stats = []
+        with ExitStack() as stack, progress_bar(f"Writing synthetic patients to {out_dir}", total=len(jobs)) as advance:
+            if workers == 1:
+                written = map(_write_patient, jobs)
+            else:
+                # spawn, not fork: a child forked after OpenCV started its thread pool can deadlock in it.
+                context = multiprocessing.get_context("spawn")
+                pool = stack.enter_context(
+                    ProcessPoolExecutor(workers, mp_context=context, initializer=_single_threaded_cv2))
+                written = pool.map(_write_patient, jobs)
+            for stat in written:
+                stats.append(stat)
+                advance(1)
+                if len(stats) % max(len(jobs) // 10, 1) == 0:
+                    log.info("%d/%d patients written", len(stats), len(jobs))
         patches = sum(s["patches"] for s in stats)
         positive = sum(s["positive"] for s in stats)
         summary = SyntheticSummary(
