@@ -4,6 +4,10 @@ Lightning's `EMAWeightAveraging` averages every parameter and buffer. The classi
 class weights from the training split, the temperature fitted on validation) are set from data, not learned:
 averaging them would blend in their initial values, so they are copied from the trained model instead, before
 each validation, checkpoint and the end of training. BatchNorm statistics, buffers of the layers, are averaged.
+
+Lightning keeps its averaged copy after `fit`, so the `validate` and `test` that follow would load a checkpoint's
+raw (not averaged) weights and swap the final average into validation; here the copy ends with `fit`, and every
+later stage uses the checkpoint's `state_dict`, the average, as eval and predict do.
 """
 
 from __future__ import annotations
@@ -36,3 +40,12 @@ class ModelEMA(EMAWeightAveraging):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._copy_module_buffers(pl_module)
         super().on_train_end(trainer, pl_module)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._average_model = None
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self._average_model is not None:  # resuming fit: restore the raw weights and the average
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)

@@ -116,3 +116,18 @@ print("ok", model(torch.zeros(2, 3, 50, 50)).shape)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ok torch.Size([2, 2])" in done.stdout
+
+
+def test_label_smoothing_softens_the_training_targets_only() -> None:
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 3, 50, 50), torch.tensor([0, 1] * 4)
+    hard, smoothed = classifier(), classifier(label_smoothing=0.2)
+    smoothed.load_state_dict(hard.state_dict())
+    batch = {"image": images, "label": labels}
+    with torch.no_grad():
+        logits = hard(images)
+        expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+        assert float(smoothed.training_step(batch, 0)) == pytest.approx(float(expected), rel=1e-5)
+        assert float(hard.training_step(batch, 0)) != pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        classifier(label_smoothing=1.0)

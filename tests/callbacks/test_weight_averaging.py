@@ -1,0 +1,33 @@
+"""callbacks=[default,ema]: the averaged weights are validated, saved and tested; the model's own buffers are not
+averaged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from idc_lightning.eval import evaluate
+from idc_lightning.train import train
+
+EMA_RUN = ["callbacks=[default,ema]", "callbacks.ema.decay=0.5", "callbacks.heatmap=null",
+           "callbacks.early_stopping=null", "model.calibrate=temperature", "trainer.max_epochs=2",
+           "trainer.limit_train_batches=3"]
+
+
+def test_checkpoint_holds_the_average_with_the_models_own_buffers(make_cfg, tmp_path: Path) -> None:
+    trained = train(make_cfg("train", EMA_RUN))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    averaged, current = state["state_dict"], state["current_model_state"]
+    conv = "backbone.conv1.weight"
+    assert not torch.equal(averaged[conv], current[conv])
+    # Class weights come from the training split and the temperature from validation: copied, never averaged.
+    assert not torch.equal(current["loss_weights"], torch.ones(2))
+    assert torch.equal(averaged["loss_weights"], current["loss_weights"])
+    assert float(current["temperature"]) != 1.0
+    assert torch.equal(averaged["temperature"], current["temperature"])
+    # The tested weights are the averaged ones eval loads from the best checkpoint.
+    best = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
+    evaluated = evaluate(make_cfg("eval", [f"ckpt_path={best}"], output_dir=tmp_path / "eval"))
+    assert evaluated["test/auroc"] == pytest.approx(trained["test/auroc"], abs=1e-6)
