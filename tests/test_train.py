@@ -11,6 +11,7 @@ import torch
 from conftest import REPO, TINY
 
 from idc_lightning.checkpoints import CheckpointError
+from idc_lightning.data.splits import SplitError
 from idc_lightning.eval import evaluate
 from idc_lightning.train import train
 
@@ -133,3 +134,12 @@ def test_cli_tune_lr_saves_the_finder_plot_and_prints_the_suggestion(tiny_data_d
     assert "Suggested learning rate: model.optimizer.lr=" in done.stdout
     assert (run / "lr_finder.png").is_file()
     assert not (run / "results.json").exists() and not list((run / "checkpoints").glob("epoch_*.ckpt"))
+
+
+def test_test_fraction_zero_trains_on_every_patient_but_validation(make_cfg, tmp_path: Path) -> None:
+    train(make_cfg("train", [*FAST, "data.test_fraction=0", "test=false", "callbacks.heatmap=null"]))
+    splits = pd.read_csv(tmp_path / "run" / "splits.csv", dtype=str)
+    assert set(splits.split) == {"train", "val"} and len(splits) == TINY["num_patients"]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    with pytest.raises(SplitError, match="test_fraction=0 holds out no test patient"):
+        train(make_cfg("train", [*FAST, "data.test_fraction=0"], output_dir=tmp_path / "tested"))

@@ -166,8 +166,14 @@ class IDCDataModule(L.LightningDataModule):
             self._print_summary(summary)
 
     def _required_splits(self) -> tuple[str, ...]:
-        """Training needs every split (val picks the checkpoint and the operating point); evaluation test only."""
-        return ("test",) if self.seen_patients is not None else SPLITS
+        """Training needs train and val (val picks the checkpoint and the operating point) and test unless
+        data.test_fraction=0 holds none out; evaluation needs test only."""
+        if self.seen_patients is not None:
+            return ("test",)
+        return SPLITS if self.split_file or self._holds_out_test() else ("train", "val")
+
+    def _holds_out_test(self) -> bool:
+        return self.split_options["test_fraction"] > 0
 
     def _split(self, rows: pd.DataFrame) -> pd.DataFrame:
         evaluating = self.seen_patients is not None
@@ -316,6 +322,11 @@ class IDCDataModule(L.LightningDataModule):
         return self._dataloader("val", train=False)
 
     def test_dataloader(self) -> DataLoader | ResidentBatches:
+        if self.frames["test"].empty and not self._holds_out_test():
+            raise SplitError(
+                f"data.test_fraction=0 holds out no test patient under {self.root}: test the checkpoint on other "
+                "patients with `python -m idc_lightning.eval ckpt_path=... data.root=...`, or train with test=false"
+            )
         return self._dataloader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader | ResidentBatches:

@@ -78,18 +78,27 @@ def split_patients(
 
     With folds, the test patients stay the same for every fold and the remaining patients rotate through
     validation, so `-m data.fold=0,1,2,3,4` is a cross-validation sweep with a common test set.
+    test_fraction 0 holds out no test patient (a small cohort trains on every patient but the validation ones;
+    the model is tested on another tree with eval).
     """
+    if not 0.0 <= test_fraction < 1.0 or not 0.0 < val_fraction < 1.0 - test_fraction:
+        raise SplitError(f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}: need "
+                         "0 <= test_fraction < 1 and 0 < val_fraction < 1 - test_fraction")
     patients = patient_table(manifest)
-    needed = 1 + (num_folds if num_folds else 2)
+    testing = test_fraction > 0
+    needed = int(testing) + (num_folds if num_folds else 2)
     if len(patients) < needed:
         raise SplitError(
             f"{len(patients)} patients cannot fill a patient-level split: at least {needed} are needed "
-            f"(test, {'each of ' + str(num_folds) + ' folds' if num_folds else 'val and train'}); "
-            f"add patients or reduce data.num_folds"
+            f"({'test, ' if testing else ''}{'each of ' + str(num_folds) + ' folds' if num_folds else 'val and train'}"
+            "); add patients or reduce data.num_folds"
         )
-    held_out = stratified_assign(
-        patients["idc_fraction"], {"test": test_fraction, "rest": 1.0 - test_fraction}, seed
-    )
+    if testing:
+        held_out = stratified_assign(
+            patients["idc_fraction"], {"test": test_fraction, "rest": 1.0 - test_fraction}, seed
+        )
+    else:
+        held_out = pd.Series("rest", index=patients.index, name="split")
     rest = patients.loc[held_out.index[held_out == "rest"], "idc_fraction"]
     if num_folds is None:
         inner = {"val": val_fraction, "train": 1.0 - val_fraction - test_fraction}

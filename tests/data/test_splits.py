@@ -100,3 +100,18 @@ def test_split_file_must_fill_the_required_splits(tmp_path) -> None:
     assert set(read_split_file(path, manifest, required=("test",)).split) == {"test"}
     with pytest.raises(SplitError, match=r"\['train', 'val'\]"):
         read_split_file(path, manifest)
+
+
+def test_test_fraction_zero_holds_out_no_patient() -> None:
+    manifest = manifest_of(25)
+    split = split_patients(manifest, val_fraction=0.15, test_fraction=0.0)
+    assert set(split.split) == {"train", "val"} and len(split) == 25
+    assert (split.split == "val").sum() == 4
+    folds = split_patients(manifest, test_fraction=0.0, num_folds=5, fold=2)
+    assert set(folds.split) == {"train", "val"} and (folds.split == "val").sum() == 5
+
+
+@pytest.mark.parametrize(("val_fraction", "test_fraction"), [(0.15, -0.1), (0.15, 1.0), (0.0, 0.15), (0.9, 0.15)])
+def test_impossible_fractions_are_a_clear_error(val_fraction: float, test_fraction: float) -> None:
+    with pytest.raises(SplitError, match="val_fraction"):
+        split_patients(manifest_of(25), val_fraction=val_fraction, test_fraction=test_fraction)
