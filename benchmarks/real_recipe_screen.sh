@@ -4,6 +4,7 @@
 #   bash benchmarks/real_recipe_screen.sh DATA_ROOT OUT_DIR [VARIANT ...]
 # Each variant writes OUT_DIR/<variant>/summary.md; a variant whose summary exists is skipped (rerun-safe).
 set -euo pipefail
+set -f  # overrides like callbacks=[default,ema] are not file globs
 root=${1:?usage: real_recipe_screen.sh DATA_ROOT OUT_DIR [VARIANT ...]}
 out=${2:?usage: real_recipe_screen.sh DATA_ROOT OUT_DIR [VARIANT ...]}
 shift 2
@@ -19,9 +20,12 @@ declare -A variants=(
   [smooth]="model.label_smoothing=0.1"
   [macenko]="data.stain_norm=macenko"
   [size75]="data.image_size=75"
+  [lr2e-3]="model.optimizer.lr=2e-3"
+  [strong_color]="data.augment.brightness=0.25 data.augment.contrast=0.25 data.augment.saturation=0.25 data.augment.hue=0.08"
+  [no_color]="data.augment.brightness=0 data.augment.contrast=0 data.augment.saturation=0 data.augment.hue=0"
 )
 order=("$@")
-[ ${#order[@]} -gt 0 ] || order=(base hed b64 ema smooth macenko size75)
+[ ${#order[@]} -gt 0 ] || order=(base hed b64 ema smooth macenko size75 lr2e-3 strong_color no_color)
 
 for name in "${order[@]}"; do
   [ -v "variants[$name]" ] || { echo "unknown variant $name (known: ${!variants[*]})" >&2; exit 2; }
@@ -32,3 +36,34 @@ for name in "${order[@]}"; do
     data.fold="$folds" callbacks.heatmap=null hydra.sweep.dir="$out/$name" ${variants[$name]}
   echo "$name: $(( $(date +%s) - start )) s" | tee -a "$out/wall_times.txt"
 done
+
+# The variant table of docs/results.md: mean ± sample std over the folds of each variant, and its validation AUROC
+# change against `base` on the same folds (paired: the folds differ far more than the variants do).
+"$python" - "$out" <<'PY'
+import pathlib
+import sys
+
+import pandas as pd
+
+out = pathlib.Path(sys.argv[1])
+columns = ["val/auroc", "val/loss", "test/auroc", "test/f1@val_thr", "test/bal_acc@val_thr"]
+
+
+def completed(summary: pathlib.Path) -> pd.DataFrame:
+    jobs = pd.read_csv(summary)
+    return jobs[jobs["status"] == "completed"].set_index("data.fold")
+
+
+base = completed(out / "base" / "summary.csv") if (out / "base" / "summary.csv").is_file() else None
+print("| variant | folds | " + " | ".join(columns) + " | Δ val/auroc vs base |")
+print("|---|---:|" + "---:|" * (len(columns) + 1))
+for summary in sorted(out.glob("*/summary.csv")):
+    jobs = completed(summary)
+    cells = [f"{jobs[c].mean():.3f} ± {jobs[c].std():.3f}" for c in columns]
+    if base is not None and summary.parent.name != "base":
+        change = (jobs["val/auroc"] - base["val/auroc"]).dropna()
+        cells.append(f"{change.mean():+.3f} ± {change.std():.3f}")
+    else:
+        cells.append("")
+    print(f"| {summary.parent.name} | {len(jobs)} | " + " | ".join(cells) + " |")
+PY

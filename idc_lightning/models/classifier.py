@@ -146,7 +146,9 @@ class IDCClassifier(L.LightningModule):
             log.warning(
                 "Only %d optimizer steps per epoch (%s training batches, accumulate_grad_batches=%d): fewer than %d "
                 "leaves BatchNorm and the optimizer unsettled and predictions may collapse to one value. Lower "
-                "data.batch_size (or use more training patches).", steps, self.trainer.num_training_batches,
+                "data.batch_size (or use more training patches); +experiment=small_data is the recipe for small "
+                "cohorts.",
+                steps, self.trainer.num_training_batches,
                 self.trainer.accumulate_grad_batches, MIN_STEPS_PER_EPOCH)
         self.log("train/steps_per_epoch", float(steps), rank_zero_only=True)
 
