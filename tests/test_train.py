@@ -143,3 +143,13 @@ def test_test_fraction_zero_trains_on_every_patient_but_validation(make_cfg, tmp
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     with pytest.raises(SplitError, match="test_fraction=0 holds out no test patient"):
         train(make_cfg("train", [*FAST, "data.test_fraction=0"], output_dir=tmp_path / "tested"))
+
+
+def test_small_data_recipe_trains_from_random_init(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("train", ["+experiment=small_data", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+                             "callbacks.heatmap=null"])
+    assert cfg.data.augment_on == "device" and not cfg.model.pretrained and cfg.callbacks.early_stopping is None
+    train(cfg)
+    state = torch.load(next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt")), weights_only=True)
+    assert state["datamodule_hyper_parameters"]["augment_on"] == "device"
+    assert (tmp_path / "run" / "results.json").is_file()
