@@ -22,10 +22,9 @@ declare -A variants=(
   [size75]="data.image_size=75"
   [lr2e-3]="model.optimizer.lr=2e-3"
   [strong_color]="data.augment.brightness=0.25 data.augment.contrast=0.25 data.augment.saturation=0.25 data.augment.hue=0.08"
-  [no_color]="data.augment.brightness=0 data.augment.contrast=0 data.augment.saturation=0 data.augment.hue=0"
 )
 order=("$@")
-[ ${#order[@]} -gt 0 ] || order=(base hed b64 ema smooth macenko size75 lr2e-3 strong_color no_color)
+[ ${#order[@]} -gt 0 ] || order=(base hed b64 ema smooth macenko size75 lr2e-3 strong_color)
 
 for name in "${order[@]}"; do
   [ -v "variants[$name]" ] || { echo "unknown variant $name (known: ${!variants[*]})" >&2; exit 2; }

@@ -47,6 +47,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     checkpoint = trainer.checkpoint_callback
     best = ""
+    if cfg.test:
+        run.datamodule.require_test_split()
     if cfg.train:
         trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=_resume_path(cfg))
         best = checkpoint.best_model_path if checkpoint is not None else ""

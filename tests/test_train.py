@@ -141,8 +141,10 @@ def test_test_fraction_zero_trains_on_every_patient_but_validation(make_cfg, tmp
     splits = pd.read_csv(tmp_path / "run" / "splits.csv", dtype=str)
     assert set(splits.split) == {"train", "val"} and len(splits) == TINY["num_patients"]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    # A run that must test fails before training, not after it.
     with pytest.raises(SplitError, match="test_fraction=0 holds out no test patient"):
         train(make_cfg("train", [*FAST, "data.test_fraction=0"], output_dir=tmp_path / "tested"))
+    assert not (tmp_path / "tested" / "checkpoints").exists()
 
 
 def test_small_data_recipe_trains_from_random_init(make_cfg, tmp_path: Path) -> None:

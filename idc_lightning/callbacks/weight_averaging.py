@@ -1,9 +1,10 @@
 """An exponential moving average of the weights, validated, checkpointed and tested in place of the raw weights.
 
 Lightning's `EMAWeightAveraging` averages every parameter and buffer. The classifier's own buffers (the loss's
-class weights from the training split, the temperature fitted on validation) are set from data, not learned:
-averaging them would blend in their initial values, so they are copied from the trained model instead, before
+class weights, the temperature fitted on validation) are set from data, not learned: the temperature changes at
+every validation, and averaging would lag it behind, so these buffers are copied from the trained model before
 each validation, checkpoint and the end of training. BatchNorm statistics, buffers of the layers, are averaged.
+Lightning builds the averaged copy before the model moves to its device; it follows the model at fit start.
 
 Lightning keeps its averaged copy after `fit`, so the `validate` and `test` that follow would load a checkpoint's
 raw (not averaged) weights and swap the final average into validation; here the copy ends with `fit`, and every
@@ -27,6 +28,10 @@ class ModelEMA(EMAWeightAveraging):
         averaged = self._average_model.module
         for name, buffer in pl_module.named_buffers(recurse=False):
             getattr(averaged, name).copy_(buffer)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._average_model is not None and self._device is None:
+            self._average_model.to(pl_module.device)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._copy_module_buffers(pl_module)

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from idc_lightning.progress import progress_bar
+from idc_lightning.data.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def build_cache(
                 for future in as_completed(futures):
                     failures += future.result()
                     advance(futures[future])
-    failed = dict(failures)
+    failed = dict(sorted(failures))  # row order, whichever worker finished first
     rows = manifest.reset_index(drop=True).assign(cache_index=np.arange(len(manifest), dtype=np.int64))
     skipped = pd.DataFrame(
         {"path": [rows.at[i, "path"] for i in failed], "reason": list(failed.values())}, columns=["path", "reason"]

@@ -170,10 +170,13 @@ class IDCDataModule(L.LightningDataModule):
         data.test_fraction=0 holds none out; evaluation needs test only."""
         if self.seen_patients is not None:
             return ("test",)
-        return SPLITS if self.split_file or self._holds_out_test() else ("train", "val")
+        return SPLITS if self.holds_out_test() else ("train", "val")
 
-    def _holds_out_test(self) -> bool:
-        return self.split_options["test_fraction"] > 0
+    def holds_out_test(self) -> bool:
+        """False when training with data.test_fraction=0: every patient trains or validates, none is left to test
+        (evaluation tests the patients a checkpoint never saw, whatever its training split was)."""
+        evaluating = self.seen_patients is not None
+        return evaluating or bool(self.split_file) or self.split_options["test_fraction"] > 0
 
     def _split(self, rows: pd.DataFrame) -> pd.DataFrame:
         evaluating = self.seen_patients is not None
@@ -321,12 +324,16 @@ class IDCDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | ResidentBatches:
         return self._dataloader("val", train=False)
 
-    def test_dataloader(self) -> DataLoader | ResidentBatches:
-        if self.frames["test"].empty and not self._holds_out_test():
+    def require_test_split(self) -> None:
+        """Called before training too: a run that must test finds out now, not after its last epoch."""
+        if not self.holds_out_test():
             raise SplitError(
                 f"data.test_fraction=0 holds out no test patient under {self.root}: test the checkpoint on other "
                 "patients with `python -m idc_lightning.eval ckpt_path=... data.root=...`, or train with test=false"
             )
+
+    def test_dataloader(self) -> DataLoader | ResidentBatches:
+        self.require_test_split()
         return self._dataloader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader | ResidentBatches:

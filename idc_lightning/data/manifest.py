@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from idc_lightning.progress import progress_bar
+from idc_lightning.data.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

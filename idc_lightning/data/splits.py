@@ -81,9 +81,11 @@ def split_patients(
     test_fraction 0 holds out no test patient (a small cohort trains on every patient but the validation ones;
     the model is tested on another tree with eval).
     """
-    if not 0.0 <= test_fraction < 1.0 or not 0.0 < val_fraction < 1.0 - test_fraction:
+    if not 0.0 <= test_fraction < 1.0:
+        raise SplitError(f"data.test_fraction={test_fraction}: need 0 <= test_fraction < 1")
+    if num_folds is None and not 0.0 < val_fraction < 1.0 - test_fraction:
         raise SplitError(f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}: need "
-                         "0 <= test_fraction < 1 and 0 < val_fraction < 1 - test_fraction")
+                         "0 < val_fraction < 1 - test_fraction")
     patients = patient_table(manifest)
     testing = test_fraction > 0
     needed = int(testing) + (num_folds if num_folds else 2)
@@ -162,8 +164,8 @@ def split_summary(manifest: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
 def check_split(summary: pd.DataFrame, required: tuple[str, ...] = ("train", "val", "test")) -> list[str]:
     """Empty required splits are errors; single-class splits are warnings (AUROC undefined there, not a crash).
 
-    Training needs train, val (the checkpoint and the operating point are chosen there) and test; evaluating a
-    trained model needs test only.
+    Training needs train, val (the checkpoint and the operating point are chosen there) and test unless
+    data.test_fraction=0; evaluating a trained model needs test only.
     """
     empty = [name for name in required if summary.loc[name, "patches"] == 0]
     if empty:

@@ -24,8 +24,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from idc_lightning.data.progress import progress_bar
 from idc_lightning.data.slide_painter import PATCH, cell_share, render_slide
-from idc_lightning.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

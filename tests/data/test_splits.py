@@ -111,7 +111,14 @@ def test_test_fraction_zero_holds_out_no_patient() -> None:
     assert set(folds.split) == {"train", "val"} and (folds.split == "val").sum() == 5
 
 
-@pytest.mark.parametrize(("val_fraction", "test_fraction"), [(0.15, -0.1), (0.15, 1.0), (0.0, 0.15), (0.9, 0.15)])
-def test_impossible_fractions_are_a_clear_error(val_fraction: float, test_fraction: float) -> None:
-    with pytest.raises(SplitError, match="val_fraction"):
+@pytest.mark.parametrize(("val_fraction", "test_fraction", "named"),
+                         [(0.15, -0.1, "test_fraction"), (0.15, 1.0, "test_fraction"), (0.0, 0.15, "val_fraction"),
+                          (0.9, 0.15, "val_fraction")])
+def test_impossible_fractions_are_a_clear_error(val_fraction: float, test_fraction: float, named: str) -> None:
+    with pytest.raises(SplitError, match=f"data.{named}="):
         split_patients(manifest_of(25), val_fraction=val_fraction, test_fraction=test_fraction)
+
+
+def test_val_fraction_is_not_checked_when_folds_choose_validation() -> None:
+    split = split_patients(manifest_of(25), val_fraction=0.0, num_folds=5, fold=0)
+    assert (split.split == "val").sum() >= 4

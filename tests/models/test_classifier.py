@@ -121,7 +121,8 @@ print("ok", model(torch.zeros(2, 3, 50, 50)).shape)
 def test_label_smoothing_softens_the_training_targets_only() -> None:
     torch.manual_seed(0)
     images, labels = torch.randn(8, 3, 50, 50), torch.tensor([0, 1] * 4)
-    hard, smoothed = classifier(), classifier(label_smoothing=0.2)
+    # eval(): dropout off, so both models compute the same logits.
+    hard, smoothed = classifier().eval(), classifier(label_smoothing=0.2).eval()
     smoothed.load_state_dict(hard.state_dict())
     batch = {"image": images, "label": labels}
     with torch.no_grad():

@@ -9,7 +9,7 @@ import pytest
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 
-import idc_lightning.progress as progress
+import idc_lightning.data.progress as progress
 from idc_lightning.data.cache import build_cache
 from idc_lightning.data.manifest import build_manifest
 from idc_lightning.data.synthetic import SyntheticSlides

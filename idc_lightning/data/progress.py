@@ -27,7 +27,7 @@ def progress_bar(description: str, total: int | None, console: Console | None = 
     if rank_zero_only.rank != 0 or not console.is_terminal:
         yield _no_progress
         return
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     if total is not None:
         columns.append(TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
