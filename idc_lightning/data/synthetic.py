@@ -15,8 +15,8 @@ import multiprocessing
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -114,16 +114,8 @@ class SyntheticSlides:
         workers = min(self.workers or os.cpu_count() or 1, len(jobs))
         log.info("Writing %d synthetic patients to %s with %d workers", len(jobs), out_dir, workers)
         stats = []
-        with ExitStack() as stack, progress_bar(f"Writing synthetic patients to {out_dir}", total=len(jobs)) as advance:
-            if workers == 1:
-                written = map(_write_patient, jobs)
-            else:
-                # spawn, not fork: a child forked after OpenCV started its thread pool can deadlock in it.
-                context = multiprocessing.get_context("spawn")
-                pool = stack.enter_context(
-                    ProcessPoolExecutor(workers, mp_context=context, initializer=_single_threaded_cv2))
-                written = pool.map(_write_patient, jobs)
-            for stat in written:
+        with progress_bar(f"Writing synthetic patients to {out_dir}", total=len(jobs)) as advance:
+            for stat in _write_patients(jobs, workers):
                 stats.append(stat)
                 advance(1)
                 if len(stats) % max(len(jobs) // 10, 1) == 0:
@@ -208,6 +200,17 @@ class _PatientJob:
 def _single_threaded_cv2() -> None:
     """Workers already use every core; OpenCV's own thread pool on top of them only adds contention."""
     cv2.setNumThreads(1)
+
+
+def _write_patients(jobs: list[_PatientJob], workers: int) -> Iterator[dict[str, object]]:
+    """Each patient's stats as it is written, in job order."""
+    if workers == 1:
+        yield from map(_write_patient, jobs)
+        return
+    # spawn, not fork: a child forked after OpenCV started its thread pool can deadlock in it.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_single_threaded_cv2) as pool:
+        yield from pool.map(_write_patient, jobs)
 
 
 def _write_patient(job: _PatientJob) -> dict[str, object]:
