@@ -21,6 +21,7 @@ declare -A variants=(
   [macenko]="data.stain_norm=macenko"
   [size75]="data.image_size=75"
   [lr2e-3]="model.optimizer.lr=2e-3"
+  [patient]="data.sampler=patient"
   [strong_color]="data.augment.brightness=0.25 data.augment.contrast=0.25 data.augment.saturation=0.25 data.augment.hue=0.08"
 )
 order=("$@")

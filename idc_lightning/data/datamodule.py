@@ -41,7 +41,19 @@ from idc_lightning.data.transforms import eval_transform, train_transform
 from idc_lightning.interfaces import TruthSource
 from idc_lightning.preprocessing import IMAGENET_MEAN, IMAGENET_STD, KAGGLE_MICRONS_PER_PIXEL, PATCH_SIZE, Preprocessing
 
+SAMPLERS = ("random", "balanced", "patient")
+
 log = logging.getLogger(__name__)
+
+
+def sampling_weights(frame: pd.DataFrame, sampler: str) -> np.ndarray | None:
+    """Relative chance of drawing each training patch: None (a plain shuffle) for `random`; `balanced` gives both
+    classes equal mass; `patient` gives every patient equal mass, so the largest slides (13x the smallest in the
+    real sample) do not set what a typical slide looks like."""
+    if sampler == "random":
+        return None
+    key = frame["label"] if sampler == "balanced" else frame["patient_id"]
+    return 1.0 / key.map(key.value_counts()).to_numpy(np.float64)
 
 
 class IDCDataModule(L.LightningDataModule):
@@ -88,8 +100,8 @@ class IDCDataModule(L.LightningDataModule):
             raise ValueError(f"data.augment_on={augment_on!r}: use cpu or device")
         if loader not in ("dataloader", "gpu_resident"):
             raise ValueError(f"data.loader={loader!r}: use dataloader or gpu_resident")
-        if sampler not in ("random", "balanced"):
-            raise ValueError(f"data.sampler={sampler!r}: use random or balanced")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"data.sampler={sampler!r}: use one of {', '.join(SAMPLERS)}")
         # Lightning stores these in every checkpoint (datamodule_hyper_parameters); the generator is no setting.
         self.save_hyperparameters(ignore=["synthetic", "seen_patients"])
         self.root = Path(root)
@@ -255,13 +267,15 @@ class IDCDataModule(L.LightningDataModule):
             )
 
     def balancing_class_weights(self) -> torch.Tensor:
-        """Inverse class frequency of the training split, normalised so a balanced set gives [1, 1]; [1, 1] when the
-        balanced sampler already evens the classes out (weighting as well would correct the imbalance twice)."""
+        """Inverse class frequency of the training patches as the sampler draws them, normalised so a balanced set
+        gives [1, 1]; so [1, 1] under the balanced sampler (weighting as well would correct the imbalance twice)."""
+        frame = self.frames["train"]
+        draws = sampling_weights(frame, self.sampler)
+        labels = frame["label"].to_numpy()
+        mass = np.bincount(labels, weights=draws, minlength=2).astype(np.float64)
         if self.sampler == "balanced":
             log.info("data.sampler=balanced already evens out the classes: inverse-frequency loss weights are off")
-            return torch.ones(2)
-        counts = np.bincount(self.frames["train"]["label"].to_numpy(), minlength=2).astype(np.float64)
-        return torch.tensor(counts.sum() / (2.0 * np.maximum(counts, 1.0)), dtype=torch.float32)
+        return torch.tensor(mass.sum() / (2.0 * np.maximum(mass, np.finfo(float).tiny)), dtype=torch.float32)
 
     def patches(self, cache_index: np.ndarray) -> np.ndarray:
         """Pixels of the given cache rows (for heatmap thumbnails)."""
@@ -276,10 +290,9 @@ class IDCDataModule(L.LightningDataModule):
         shape = self.cache.images.shape
         images_path = self.cache.folder / IMAGES_FILE
         sampler = None
-        if train and self.sampler == "balanced":
-            labels = frame["label"].to_numpy()
-            weights = 1.0 / np.bincount(labels, minlength=2)[labels]
-            sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(frame))
+        draws = sampling_weights(frame, self.sampler) if train else None
+        if draws is not None:
+            sampler = WeightedRandomSampler(torch.as_tensor(draws, dtype=torch.double), len(frame))
         pre = self.preprocessing
         if self.augment_on == "device":
             dataset = PatchBatchDataset(images_path, shape, frame)
@@ -314,8 +327,9 @@ class IDCDataModule(L.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer else 0
         # Lightning turns shuffling off for overfit_batches only in DataLoaders; this loader is told directly.
         overfitting = self.trainer is not None and bool(self.trainer.overfit_batches)
+        draws = sampling_weights(frame, self.sampler) if train else None
         return ResidentBatches(images, labels, self.batch_size, shuffle=train and not overfitting,
-                               balanced=train and self.sampler == "balanced", drop_last=train,
+                               sample_weights=None if draws is None else torch.as_tensor(draws), drop_last=train,
                                rank=rank, world_size=world_size, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader | ResidentBatches:

@@ -31,7 +31,8 @@ class ResidentBatches:
 
     `index` is the row position within this split. Each rank takes every `world_size`-th element of the
     epoch's order, padded by wrapping (like DistributedSampler) so all ranks run the same number of batches.
-    `balanced` draws N patches with replacement, every class equally likely (instead of a permutation).
+    `sample_weights` (one per patch, any scale) draws N patches with replacement in those proportions instead of a
+    permutation (data.sampler balanced or patient).
     The epoch is the one last given to `set_epoch` (Lightning's, through `sampler`), or the one after the
     previous epoch's when nobody calls it. It is read at an epoch's first batch, not at `iter()`: Lightning
     creates the first epoch's iterator before it calls `set_epoch`.
@@ -46,7 +47,7 @@ class ResidentBatches:
         labels: torch.Tensor,
         batch_size: int,
         shuffle: bool,
-        balanced: bool = False,
+        sample_weights: torch.Tensor | None = None,
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
@@ -62,16 +63,16 @@ class ResidentBatches:
         self.labels = labels.long()
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.balanced = balanced
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
         self._next_epoch = 0
         self.sampler = EpochSetter(self)
-        if balanced:
-            host_labels = self.labels.cpu()
-            self._sample_weights = 1.0 / torch.bincount(host_labels)[host_labels].double()
+        if sample_weights is not None and sample_weights.shape != (len(labels),):
+            raise ValueError(f"need one sample weight per patch ({len(labels)}), "
+                             f"got shape {tuple(sample_weights.shape)}")
+        self.sample_weights = None if sample_weights is None else sample_weights.detach().cpu().double()
 
     def set_epoch(self, epoch: int) -> None:
         self._next_epoch = epoch
@@ -87,8 +88,8 @@ class ResidentBatches:
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         n = len(self.labels)
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        if self.balanced:
-            return torch.multinomial(self._sample_weights, n, replacement=True, generator=generator)
+        if self.sample_weights is not None:
+            return torch.multinomial(self.sample_weights, n, replacement=True, generator=generator)
         if self.shuffle:
             return torch.randperm(n, generator=generator)
         return torch.arange(n)

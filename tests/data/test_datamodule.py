@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from idc_lightning.data.datamodule import IDCDataModule
+from idc_lightning.data.datamodule import IDCDataModule, sampling_weights
 from idc_lightning.data.splits import SplitError
 from idc_lightning.data.synthetic import SyntheticSlides
 
@@ -59,6 +59,25 @@ def test_balanced_sampler_draws_both_classes_evenly(make_cfg) -> None:
     assert 0.35 < labels.float().mean() < 0.65
     # The sampler already evens the classes out: inverse-frequency loss weights on top would correct twice.
     assert torch.equal(dm.balancing_class_weights(), torch.ones(2))
+
+
+def test_patient_sampler_gives_every_patient_equal_mass() -> None:
+    frame = pd.DataFrame({"patient_id": ["a"] * 9 + ["b"] * 3, "label": [0] * 6 + [1] * 3 + [1] * 3})
+    draws = sampling_weights(frame, "patient")
+    assert draws.sum() == pytest.approx(2.0)
+    assert draws[frame.patient_id == "a"].sum() == pytest.approx(draws[frame.patient_id == "b"].sum())
+    assert sampling_weights(frame, "random") is None
+
+
+def test_patient_sampler_weights_the_loss_by_the_classes_it_draws(make_cfg) -> None:
+    dm = instantiate(make_cfg("train", ["data.sampler=patient", "data.batch_size=64"]).data)
+    dm.prepare_data()
+    dm.setup("fit")
+    train = dm.split_frame("train")
+    idc_mass = train.groupby("patient_id")["label"].mean().mean()
+    expected = torch.tensor([1 / (2 * (1 - idc_mass)), 1 / (2 * idc_mass)], dtype=torch.float32)
+    assert torch.allclose(dm.balancing_class_weights(), expected)
+    assert torch.allclose(dm.train_dataloader().sampler.weights, torch.as_tensor(sampling_weights(train, "patient")))
 
 
 def test_gpu_resident_loader_serves_every_patch_without_workers(make_cfg) -> None:

@@ -155,12 +155,15 @@ def test_resumed_training_continues_the_epoch_orders(tmp_path: Path) -> None:
     assert torch.equal(torch.cat(resumed.orders[2]), orders[2])
 
 
-def test_balanced_sampling_draws_classes_equally() -> None:
+def test_weighted_sampling_draws_in_the_given_proportions() -> None:
     images, labels = _split(10_000, positive_every=10)
-    loader = ResidentBatches(images, labels, 256, shuffle=True, balanced=True)
+    class_balanced = 1.0 / torch.bincount(labels)[labels].double()
+    loader = ResidentBatches(images, labels, 256, shuffle=True, sample_weights=class_balanced)
     index = _epoch(loader)
     assert len(index) == 10_000
     assert labels[index].float().mean().item() == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(ValueError, match="one sample weight per patch"):
+        ResidentBatches(images, labels, 256, shuffle=True, sample_weights=class_balanced[:5])
 
 
 def test_rejects_mismatched_inputs() -> None:
