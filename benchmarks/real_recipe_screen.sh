@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The recipe screen of docs/results.md: each variant is `+experiment=real_cv` on the first 3 of its 5 folds
-# (validation patients only decide; the fixed test patients are reported, never used to choose).
+# (validation patients only decide; the fixed test patients are reported, never used to choose). `base` is
+# real_cv as first screened, with the plain shuffle (data.sampler=random); each variant changes one setting.
 #   bash benchmarks/real_recipe_screen.sh DATA_ROOT OUT_DIR [VARIANT ...]
 # Each variant writes OUT_DIR/<variant>/summary.md; a variant whose summary exists is skipped (rerun-safe).
 set -euo pipefail
@@ -22,18 +23,21 @@ declare -A variants=(
   [size75]="data.image_size=75"
   [lr2e-3]="model.optimizer.lr=2e-3"
   [patient]="data.sampler=patient"
+  [wd5e-2]="model.optimizer.weight_decay=0.05"
   [strong_color]="data.augment.brightness=0.25 data.augment.contrast=0.25 data.augment.saturation=0.25 data.augment.hue=0.08"
 )
 order=("$@")
-[ ${#order[@]} -gt 0 ] || order=(base hed b64 ema smooth macenko size75 lr2e-3 strong_color)
+[ ${#order[@]} -gt 0 ] || order=(base hed b64 ema smooth macenko size75 lr2e-3 strong_color patient wd5e-2)
 
 for name in "${order[@]}"; do
   [ -v "variants[$name]" ] || { echo "unknown variant $name (known: ${!variants[*]})" >&2; exit 2; }
   [ -f "$out/$name/summary.md" ] && { echo "skip $name: $out/$name/summary.md exists"; continue; }
+  overrides=${variants[$name]}
+  [[ $overrides == *data.sampler=* ]] || overrides="data.sampler=random $overrides"
   start=$(date +%s)
   # shellcheck disable=SC2086  # the variant is a list of overrides
   "$python" -m idc_lightning.train +experiment=real_cv data.root="$root" trainer.max_epochs="$epochs" \
-    data.fold="$folds" callbacks.heatmap=null hydra.sweep.dir="$out/$name" ${variants[$name]}
+    data.fold="$folds" callbacks.heatmap=null hydra.sweep.dir="$out/$name" $overrides
   echo "$name: $(( $(date +%s) - start )) s" | tee -a "$out/wall_times.txt"
 done
 
