@@ -50,6 +50,8 @@ def sampling_weights(frame: pd.DataFrame, sampler: str) -> np.ndarray | None:
     """Relative chance of drawing each training patch: None (a plain shuffle) for `random`; `balanced` gives both
     classes equal mass; `patient` gives every patient equal mass, so the largest slides (13x the smallest in the
     real sample) do not set what a typical slide looks like."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"data.sampler={sampler!r}: use one of {', '.join(SAMPLERS)}")
     if sampler == "random":
         return None
     key = frame["label"] if sampler == "balanced" else frame["patient_id"]
@@ -268,14 +270,16 @@ class IDCDataModule(L.LightningDataModule):
 
     def balancing_class_weights(self) -> torch.Tensor:
         """Inverse class frequency of the training patches as the sampler draws them, normalised so a balanced set
-        gives [1, 1]; so [1, 1] under the balanced sampler (weighting as well would correct the imbalance twice)."""
+        gives [1, 1]; so [1, 1] under the balanced sampler (weighting as well would correct the imbalance twice).
+        A class absent from training keeps weight 1: there is nothing of it to up-weight."""
         frame = self.frames["train"]
         draws = sampling_weights(frame, self.sampler)
         labels = frame["label"].to_numpy()
         mass = np.bincount(labels, weights=draws, minlength=2).astype(np.float64)
         if self.sampler == "balanced":
             log.info("data.sampler=balanced already evens out the classes: inverse-frequency loss weights are off")
-        return torch.tensor(mass.sum() / (2.0 * np.maximum(mass, np.finfo(float).tiny)), dtype=torch.float32)
+        weights = np.divide(mass.sum(), 2.0 * mass, out=np.ones(2), where=mass > 0)
+        return torch.tensor(weights, dtype=torch.float32)
 
     def patches(self, cache_index: np.ndarray) -> np.ndarray:
         """Pixels of the given cache rows (for heatmap thumbnails)."""
@@ -325,9 +329,10 @@ class IDCDataModule(L.LightningDataModule):
         labels = torch.as_tensor(frame["label"].to_numpy(np.int64), device=device)
         world_size = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
-        # Lightning turns shuffling off for overfit_batches only in DataLoaders; this loader is told directly.
+        # Lightning turns shuffling and weighted sampling off for overfit_batches only in DataLoaders; this loader is
+        # told directly.
         overfitting = self.trainer is not None and bool(self.trainer.overfit_batches)
-        draws = sampling_weights(frame, self.sampler) if train else None
+        draws = sampling_weights(frame, self.sampler) if train and not overfitting else None
         return ResidentBatches(images, labels, self.batch_size, shuffle=train and not overfitting,
                                sample_weights=None if draws is None else torch.as_tensor(draws), drop_last=train,
                                rank=rank, world_size=world_size, seed=self.seed)

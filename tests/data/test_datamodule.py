@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pandas as pd
 import pytest
 import torch
@@ -67,6 +68,8 @@ def test_patient_sampler_gives_every_patient_equal_mass() -> None:
     assert draws.sum() == pytest.approx(2.0)
     assert draws[frame.patient_id == "a"].sum() == pytest.approx(draws[frame.patient_id == "b"].sum())
     assert sampling_weights(frame, "random") is None
+    with pytest.raises(ValueError, match="data.sampler='patients'"):
+        sampling_weights(frame, "patients")
 
 
 def test_patient_sampler_weights_the_loss_by_the_classes_it_draws(make_cfg) -> None:
@@ -74,10 +77,33 @@ def test_patient_sampler_weights_the_loss_by_the_classes_it_draws(make_cfg) -> N
     dm.prepare_data()
     dm.setup("fit")
     train = dm.split_frame("train")
-    idc_mass = train.groupby("patient_id")["label"].mean().mean()
-    expected = torch.tensor([1 / (2 * (1 - idc_mass)), 1 / (2 * idc_mass)], dtype=torch.float32)
-    assert torch.allclose(dm.balancing_class_weights(), expected)
     assert torch.allclose(dm.train_dataloader().sampler.weights, torch.as_tensor(sampling_weights(train, "patient")))
+    # 18% IDC among the patches, but half of what is drawn: patient b's 9 IDC patches are drawn as often as a's 81
+    # non-IDC ones, so the classes need no weighting.
+    dm.frames["train"] = pd.DataFrame({"patient_id": ["a"] * 90 + ["b"] * 10,
+                                       "label": [1] * 9 + [0] * 81 + [1] * 9 + [0]})
+    assert dm.balancing_class_weights().tolist() == pytest.approx([1.0, 1.0])
+    dm.sampler = "random"
+    assert dm.balancing_class_weights().tolist() == pytest.approx([100 / 164, 100 / 36])
+
+
+def test_a_class_absent_from_training_keeps_a_finite_weight(make_cfg) -> None:
+    dm = instantiate(make_cfg("train", ["data.sampler=patient"]).data)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.frames["train"] = dm.frames["train"].assign(label=0)
+    assert dm.balancing_class_weights().tolist() == [0.5, 1.0]
+
+
+def test_gpu_resident_loader_draws_as_the_sampler_says_unless_overfitting(make_cfg) -> None:
+    dm = instantiate(make_cfg("train", ["data.loader=gpu_resident", "data.sampler=patient"]).data)
+    dm.prepare_data()
+    dm.setup("fit")
+    expected = torch.as_tensor(sampling_weights(dm.split_frame("train"), "patient"))
+    assert torch.allclose(dm.train_dataloader().sample_weights, expected)
+    dm.trainer = L.Trainer(overfit_batches=2, accelerator="cpu", logger=False, enable_checkpointing=False)
+    overfitting = dm.train_dataloader()
+    assert overfitting.sample_weights is None and not overfitting.shuffle
 
 
 def test_gpu_resident_loader_serves_every_patch_without_workers(make_cfg) -> None:
