@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The recipe screen of docs/results.md: each variant is `+experiment=real_cv` on the first 3 of its 5 folds
 # (validation patients only decide; the fixed test patients are reported, never used to choose). `base` is
-# real_cv as first screened, with the plain shuffle (data.sampler=random); each variant changes one setting.
+# real_cv as first screened, with the plain shuffle (data.sampler=random); each variant makes one change to it.
 #   bash benchmarks/real_recipe_screen.sh DATA_ROOT OUT_DIR [VARIANT ...]
 # Each variant writes OUT_DIR/<variant>/summary.md; a variant whose summary exists is skipped (rerun-safe).
 set -euo pipefail

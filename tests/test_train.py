@@ -153,5 +153,6 @@ def test_small_data_recipe_trains_from_random_init(make_cfg, tmp_path: Path) -> 
     assert cfg.data.augment_on == "device" and not cfg.model.pretrained and cfg.callbacks.early_stopping is None
     train(cfg)
     state = torch.load(next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt")), weights_only=True)
-    assert state["datamodule_hyper_parameters"]["augment_on"] == "device"
+    assert {key: state["datamodule_hyper_parameters"][key] for key in ("augment_on", "sampler")} == {
+        "augment_on": "device", "sampler": "patient"}
     assert (tmp_path / "run" / "results.json").is_file()
