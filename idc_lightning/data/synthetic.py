@@ -118,8 +118,6 @@ class SyntheticSlides:
             for stat in _write_patients(jobs, workers):
                 stats.append(stat)
                 advance(1)
-                if len(stats) % max(len(jobs) // 10, 1) == 0:
-                    log.info("%d/%d patients written", len(stats), len(jobs))
         patches = sum(s["patches"] for s in stats)
         positive = sum(s["positive"] for s in stats)
         summary = SyntheticSummary(
