@@ -74,7 +74,7 @@ def cache_key(manifest: pd.DataFrame, patch_size: int, pad_value: int, stain_nor
     absent = [column for column in ("size", "mtime_ns") if column not in manifest.columns]
     if absent:
         raise ValueError(f"the manifest has no {absent} columns: build it with build_manifest or scan_tree")
-    files = manifest[["path", "label", "size", "mtime_ns"]]
+    files = manifest[[c for c in ("path", "label", "size", "mtime_ns", "copy_path") if c in manifest.columns]]
     digest = hashlib.sha1(pd.util.hash_pandas_object(files, index=False).values.tobytes())
     digest.update(f"{patch_size}|{pad_value}|{stain_norm}".encode())
     return digest.hexdigest()[:16]
@@ -84,21 +84,31 @@ def _decode_patient(
     images_path: str,
     shape: tuple[int, ...],
     positions: np.ndarray,
-    paths: list[str],
+    paths: list[tuple[str, ...]],
     patch_size: int,
     pad_value: int,
     stain_norm: str | None,
-) -> list[tuple[int, str]]:
-    """Decode one patient's patches into its rows of the memmap; return (position, error) for failures."""
+) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """Decode one patient's patches into its rows of the memmap, each from the first of its copies that decodes.
+
+    Returns (position, error) of the patches none of whose copies decode, and of those read from a later copy.
+    """
     cv2.setNumThreads(1)
     images = np.memmap(images_path, dtype=np.uint8, mode="r+", shape=shape)
-    decoded, kept, failures = [], [], []
-    for position, path in zip(positions, paths, strict=True):
-        try:
-            decoded.append(decode_patch(path, patch_size, pad_value))
-            kept.append(position)
-        except (PatchDecodeError, OSError) as error:
-            failures.append((int(position), str(error)))
+    decoded, kept, failures, from_copies = [], [], [], []
+    for position, copies in zip(positions, paths, strict=True):
+        errors = []
+        for path in copies:
+            try:
+                decoded.append(decode_patch(path, patch_size, pad_value))
+                kept.append(position)
+                break
+            except (PatchDecodeError, OSError) as error:
+                errors.append(str(error))
+        else:
+            failures.append((int(position), "; ".join(errors)))
+        if errors and len(errors) < len(copies):
+            from_copies.append((int(position), errors[0]))
     if decoded:
         batch = np.stack(decoded)
         if stain_norm == "macenko":
@@ -107,7 +117,7 @@ def _decode_patient(
             batch = macenko_normalize(batch)
         images[np.asarray(kept)] = batch
     images.flush()
-    return failures
+    return failures, from_copies
 
 
 def _load(folder: Path) -> PatchCache:
@@ -116,6 +126,13 @@ def _load(folder: Path) -> PatchCache:
     rows = pd.read_parquet(folder / "rows.parquet")
     skipped = pd.read_csv(folder / SKIPPED_FILE, dtype=str, keep_default_na=False)
     return PatchCache(images=images, rows=rows, skipped=skipped, folder=folder)
+
+
+def _copies(root: Path, rows: pd.DataFrame) -> list[tuple[str, ...]]:
+    """Each row's file, then its duplicate copy where the download holds one (manifest `copy_path`)."""
+    copies = rows["copy_path"] if "copy_path" in rows.columns else [""] * len(rows)
+    return [(str(root / path), str(root / copy)) if copy else (str(root / path),)
+            for path, copy in zip(rows["path"], copies, strict=True)]
 
 
 def cache_folder(cache_dir: Path | str, key: str) -> Path:
@@ -151,22 +168,28 @@ def build_cache(
     np.memmap(partial / IMAGES_FILE, dtype=np.uint8, mode="w+", shape=shape).flush()
     root = Path(root)
     tasks = [
-        (str(partial / IMAGES_FILE), shape, group.index.to_numpy(), [str(root / p) for p in group["path"]])
+        (str(partial / IMAGES_FILE), shape, group.index.to_numpy(), _copies(root, group))
         for _, group in manifest.reset_index(drop=True).groupby("patient_id", sort=False)
     ]
     workers = workers if workers is not None else (os.cpu_count() or 1)
     failures: list[tuple[int, str]] = []
+    from_copies: list[tuple[int, str]] = []
+
+    def collect(result: tuple[list[tuple[int, str]], list[tuple[int, str]]]) -> None:
+        failures.extend(result[0])
+        from_copies.extend(result[1])
+
     with progress_bar(f"Packing patches into {folder}", total=len(manifest)) as advance:
         if workers <= 1 or len(manifest) < 500:
             for task in tasks:
-                failures += _decode_patient(*task, patch_size, pad_value, stain_norm)
+                collect(_decode_patient(*task, patch_size, pad_value, stain_norm))
                 advance(len(task[3]))
         else:
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
                 futures = {pool.submit(_decode_patient, *task, patch_size, pad_value, stain_norm): len(task[3])
                            for task in tasks}
                 for future in as_completed(futures):
-                    failures += future.result()
+                    collect(future.result())
                     advance(futures[future])
     failed = dict(sorted(failures))  # row order, whichever worker finished first
     rows = manifest.reset_index(drop=True).assign(cache_index=np.arange(len(manifest), dtype=np.int64))
@@ -189,4 +212,9 @@ def build_cache(
             "Skipped %d undecodable patch files (listed in %s), e.g. %s: %s",
             len(skipped), folder / SKIPPED_FILE, skipped.at[0, "path"], skipped.at[0, "reason"],
         )
+    if from_copies:
+        position, error = min(from_copies)
+        log.warning("%d patch files do not decode but their duplicate copies do, which were used instead, e.g. %s "
+                    "(%s) from %s", len(from_copies), manifest["path"].iat[position], error,
+                    manifest["copy_path"].iat[position])
     return _load(folder)

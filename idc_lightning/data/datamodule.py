@@ -21,7 +21,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from idc_lightning.data.augment_config import AugmentConfig
-from idc_lightning.data.cache import IMAGES_FILE, PatchCache, build_cache
+from idc_lightning.data.cache import IMAGES_FILE, SKIPPED_FILE, PatchCache, build_cache
 from idc_lightning.data.datasets import PatchBatchDataset, PatchDataset, keep_batch
 from idc_lightning.data.device_augment import BatchAugment
 from idc_lightning.data.gpu_resident import ResidentBatches, fits_on_device
@@ -42,8 +42,23 @@ from idc_lightning.interfaces import TruthSource
 from idc_lightning.preprocessing import IMAGENET_MEAN, IMAGENET_STD, KAGGLE_MICRONS_PER_PIXEL, PATCH_SIZE, Preprocessing
 
 SAMPLERS = ("random", "balanced", "patient")
+# In the run folder: every file under data.root that gave no patch, and why.
+UNUSED_FILES = "skipped_files.csv"
 
 log = logging.getLogger(__name__)
+
+
+def unused_files(report: ManifestReport | None, undecodable: pd.DataFrame) -> pd.DataFrame:
+    """Files under data.root that no patch comes from: (path relative to the root, kind, reason)."""
+    ignored = report.ignored if report is not None else []
+    by_name = report.skipped if report is not None else []
+    frames = [
+        pd.DataFrame({"path": ignored, "kind": "not a patch name",
+                      "reason": "the name is not <patient>_idx5_x<X>_y<Y>_class<0|1>.png"}),
+        pd.DataFrame(by_name, columns=["path", "reason"]).assign(kind="patch skipped by name"),
+        undecodable[["path", "reason"]].assign(kind="undecodable patch"),
+    ]
+    return pd.concat(frames, ignore_index=True)[["path", "kind", "reason"]]
 
 
 def sampling_weights(frame: pd.DataFrame, sampler: str) -> np.ndarray | None:
@@ -158,6 +173,8 @@ class IDCDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.cache is None:
             self.cache = self._build_cache()
+            if self._is_global_zero():
+                self._report_unused_files()
         if stage == "predict":
             # Every patch, labelled or not: new slides may carry no class in their names.
             self.frames["predict"] = self.cache.rows.reset_index(drop=True)
@@ -225,11 +242,21 @@ class IDCDataModule(L.LightningDataModule):
         for row in summary.itertuples():
             table.add_row(row.Index, f"{row.patients}", f"{row.patches:,}", f"{row.idc_pct:.1f}")
         Console().print(table)
+
+    def _report_unused_files(self) -> None:
+        """Every input file is used or listed: the run folder's skipped_files.csv names the others and why."""
         if self.report is not None:
             log.info("%s", self.report.summary())
-        if len(self.cache.skipped):
-            log.warning("%d patch files skipped, listed in %s", len(self.cache.skipped),
-                        self.cache.folder / "skipped.csv")
+        unused = unused_files(self.report, self.cache.skipped)
+        if unused.empty:
+            return
+        listed = self.cache.folder / SKIPPED_FILE
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            listed = self.output_dir / UNUSED_FILES
+            unused.to_csv(listed, index=False)
+        log.warning("%d files under %s are not used (%s): listed with the reason in %s", len(unused), self.root,
+                    ", ".join(f"{n} {kind}" for kind, n in unused["kind"].value_counts().items()), listed)
 
     def split_frame(self, split: str) -> pd.DataFrame:
         """Manifest rows (patient_id, x, y, label, path, cache_index) of one split, in loader order."""

@@ -24,6 +24,8 @@ PATCH_NAME = re.compile(
 UNLABELLED = -1
 # size and mtime_ns say which version of the file the row describes: a cache keyed on them sees rewrites.
 MANIFEST_COLUMNS = ["patient_id", "x", "y", "label", "path", "size", "mtime_ns"]
+# Bump when the saved manifest's columns change, so manifests saved by an older version are rescanned.
+MANIFEST_FORMAT = 2
 # The zip repeats the whole tree under this folder: the same files twice.
 DUPLICATE_TREE = "IDC_regular_ps50_idx5"
 
@@ -47,7 +49,7 @@ class ManifestReport:
     def summary(self) -> str:
         return (
             f"{self.patches} patches of {self.patients} patients from {self.files_seen} files under {self.root}; "
-            f"{self.duplicates} duplicate copies merged, {len(self.skipped)} skipped, "
+            f"{self.duplicates} duplicate copies merged, {len(self.skipped)} skipped by name or folder, "
             f"{len(self.ignored)} non-patch files ignored"
         )
 
@@ -131,7 +133,7 @@ def _parse_files(root: Path, files: list[TreeFile]) -> tuple[pd.DataFrame, Manif
     if frame.empty:
         raise DatasetNotFoundError(missing_data_message(root, "no IDC patch files found under data.root"))
     frame = frame.astype({"patient_id": str, "x": "int32", "y": "int32", "label": "int8", "path": str,
-                          "size": "int64", "mtime_ns": "int64"})
+                          "size": "int64", "mtime_ns": "int64", "copy_path": str})
     frame = frame.sort_values(["patient_id", "y", "x"], ignore_index=True)
     report.patches = len(frame)
     report.patients = frame["patient_id"].nunique()
@@ -139,16 +141,19 @@ def _parse_files(root: Path, files: list[TreeFile]) -> tuple[pd.DataFrame, Manif
 
 
 def _merge_duplicate_copies(frame: pd.DataFrame, report: ManifestReport) -> pd.DataFrame:
-    """Keep one file per (patient, x, y); a patch labelled both ways is skipped, never guessed."""
+    """Keep one file per (patient, x, y), and another copy of it in `copy_path` ("" if none) for the cache to
+    read when the kept one is corrupt; a patch labelled both ways is skipped, never guessed."""
     frame = frame.assign(depth=frame["path"].str.count("/")).sort_values(["depth", "path"], kind="stable")
     key = ["patient_id", "x", "y"]
     conflicting = frame.groupby(key)["label"].transform("nunique") > 1
     for path in frame.loc[conflicting, "path"]:
         report.skipped.append({"path": path, "reason": "the same patient/x/y exists with both class labels"})
     frame = frame[~conflicting]
+    copies = frame[frame.duplicated(key, keep="first")].drop_duplicates(key)[[*key, "path"]]
     unique = frame.drop_duplicates(key, keep="first")
     report.duplicates = len(frame) - len(unique)
-    return unique.drop(columns="depth")
+    unique = unique.merge(copies.rename(columns={"path": "copy_path"}), on=key, how="left")
+    return unique.assign(copy_path=unique["copy_path"].fillna("")).drop(columns="depth")
 
 
 def files_signature(root: Path, files: list[TreeFile]) -> str:
@@ -156,7 +161,7 @@ def files_signature(root: Path, files: list[TreeFile]) -> str:
 
     Folder mtimes alone miss a file rewritten in place under its old name (regenerated slides).
     """
-    digest = hashlib.sha1(str(Path(root).resolve()).encode())
+    digest = hashlib.sha1(f"{MANIFEST_FORMAT}|{Path(root).resolve()}".encode())
     lines = (f"{rel_dir}/{name}\0{size}\0{mtime_ns}\n" for rel_dir, name, size, mtime_ns in files)
     digest.update("".join(lines).encode())
     return digest.hexdigest()[:16]

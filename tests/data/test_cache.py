@@ -57,6 +57,23 @@ def test_cache_keeps_every_row_as_cached_or_skipped(odd_tree: Path, tmp_path: Pa
     assert reused.folder == cache.folder and reused.rows.equals(cache.rows)
 
 
+def test_a_corrupt_patch_is_read_from_its_duplicate_copy(odd_tree: Path, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The download holds every file twice: a corrupt kept copy falls back to the other, a good one is never lost."""
+    fixed = np.full((50, 50, 3), 120, np.uint8)
+    write(odd_tree / "IDC_regular_ps50_idx5/9000/1/9000_idx5_x201_y1_class1.png", fixed)
+    (odd_tree / "IDC_regular_ps50_idx5/9000/0").mkdir(parents=True)
+    (odd_tree / "IDC_regular_ps50_idx5/9000/0/9000_idx5_x251_y1_class0.png").write_bytes(b"also broken")
+    manifest, report = scan_tree(odd_tree)
+    assert len(manifest) == 6 and report.duplicates == 2
+    cache = build_cache(manifest, odd_tree, tmp_path / "cache", workers=1)
+    rescued = cache.rows.set_index("x").loc[201]
+    assert np.array_equal(cache.images[rescued["cache_index"]], fixed)
+    assert "1 patch files do not decode but their duplicate copies do" in caplog.text
+    assert [Path(p).name for p in cache.skipped.path] == ["9000_idx5_x251_y1_class0.png"]
+    assert cache.skipped.reason.iat[0].count("not a decodable image") == 2
+
+
 def test_cache_key_follows_stain_normalisation(odd_tree: Path, tmp_path: Path) -> None:
     manifest, _ = scan_tree(odd_tree)
     plain = build_cache(manifest, odd_tree, tmp_path / "cache", workers=1)

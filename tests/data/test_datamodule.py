@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -8,9 +9,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from idc_lightning.data.datamodule import IDCDataModule, sampling_weights
+from idc_lightning.data.datamodule import UNUSED_FILES, IDCDataModule, sampling_weights
 from idc_lightning.data.splits import SplitError
-from idc_lightning.data.synthetic import SyntheticSlides
+from idc_lightning.data.synthetic import TREE, SyntheticSlides
 
 
 @pytest.fixture
@@ -104,6 +105,27 @@ def test_gpu_resident_loader_draws_as_the_sampler_says_unless_overfitting(make_c
     dm.trainer = L.Trainer(overfit_batches=2, accelerator="cpu", logger=False, enable_checkpointing=False)
     overfitting = dm.train_dataloader()
     assert overfitting.sample_weights is None and not overfitting.shuffle
+
+
+def test_files_that_give_no_patch_are_listed_in_the_run_folder(tiny_data_dir: Path, make_cfg, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    tree = tmp_path / "download"
+    shutil.copytree(next(tiny_data_dir.glob(f"synthetic_*/{TREE}")), tree)
+    patient = sorted(p for p in tree.iterdir() if (p / "1").is_dir())[0]
+    idc_patch = next((patient / "1").glob("*.png"))
+    (tree / ".DS_Store").write_bytes(b"Bud1")
+    shutil.copy(idc_patch, patient / "0" / idc_patch.name)
+    (patient / "1" / f"{patient.name}_idx5_x9001_y9001_class1.png").write_bytes(b"truncated")
+    dm = instantiate(make_cfg("train", ["data=kaggle", f"data.root={tree}"]).data)
+    dm.prepare_data()
+    dm.setup("fit")
+    unused = pd.read_csv(tmp_path / "run" / UNUSED_FILES)
+    assert sorted(zip(unused["kind"], unused["path"].map(lambda p: Path(p).name), strict=True)) == [
+        ("not a patch name", ".DS_Store"),
+        ("patch skipped by name", idc_patch.name),
+        ("undecodable patch", f"{patient.name}_idx5_x9001_y9001_class1.png"),
+    ]
+    assert "3 files under" in caplog.text and str(tmp_path / "run" / UNUSED_FILES) in caplog.text
 
 
 def test_gpu_resident_loader_serves_every_patch_without_workers(make_cfg) -> None:

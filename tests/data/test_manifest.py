@@ -29,7 +29,8 @@ def test_parses_names_at_any_depth_and_merges_the_duplicated_tree(tmp_path: Path
     row = frame[(frame.patient_id == "10253") & (frame.label == 1)].iloc[0]
     assert (row.x, row.y) == (501, 101)
     assert row.path == "10253/1/10253_idx5_x501_y101_class1.png"  # the shallower copy wins
-    assert list(frame.columns) == ["patient_id", "x", "y", "label", "path", "size", "mtime_ns"]
+    assert row.copy_path == "IDC_regular_ps50_idx5/10253/1/10253_idx5_x501_y101_class1.png"  # read if it is corrupt
+    assert list(frame.columns) == ["patient_id", "x", "y", "label", "path", "size", "mtime_ns", "copy_path"]
     assert row["size"] == (tmp_path / row.path).stat().st_size
 
 
