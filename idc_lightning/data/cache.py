@@ -104,7 +104,7 @@ def _decode_patient(
                 kept.append(position)
                 break
             except (PatchDecodeError, OSError) as error:
-                errors.append(str(error))
+                errors.append(f"its copy {path}: {error}" if errors else str(error))
         else:
             failures.append((int(position), "; ".join(errors)))
         if errors and len(errors) < len(copies):

@@ -21,7 +21,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from idc_lightning.data.augment_config import AugmentConfig
-from idc_lightning.data.cache import IMAGES_FILE, SKIPPED_FILE, PatchCache, build_cache
+from idc_lightning.data.cache import IMAGES_FILE, PatchCache, build_cache
 from idc_lightning.data.datasets import PatchBatchDataset, PatchDataset, keep_batch
 from idc_lightning.data.device_augment import BatchAugment
 from idc_lightning.data.gpu_resident import ResidentBatches, fits_on_device
@@ -250,13 +250,15 @@ class IDCDataModule(L.LightningDataModule):
         unused = unused_files(self.report, self.cache.skipped)
         if unused.empty:
             return
-        listed = self.cache.folder / SKIPPED_FILE
-        if self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            listed = self.output_dir / UNUSED_FILES
-            unused.to_csv(listed, index=False)
+        kinds = ", ".join(f"{n} {kind}" for kind, n in unused["kind"].value_counts().items())
+        if self.output_dir is None:
+            log.warning("%d files under %s are not used (%s), e.g. %s", len(unused), self.root, kinds,
+                        "; ".join(f"{row.path}: {row.reason}" for row in unused.head(3).itertuples()))
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        unused.to_csv(self.output_dir / UNUSED_FILES, index=False)
         log.warning("%d files under %s are not used (%s): listed with the reason in %s", len(unused), self.root,
-                    ", ".join(f"{n} {kind}" for kind, n in unused["kind"].value_counts().items()), listed)
+                    kinds, self.output_dir / UNUSED_FILES)
 
     def split_frame(self, split: str) -> pd.DataFrame:
         """Manifest rows (patient_id, x, y, label, path, cache_index) of one split, in loader order."""

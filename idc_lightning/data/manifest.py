@@ -129,7 +129,7 @@ def _parse_files(root: Path, files: list[TreeFile]) -> tuple[pd.DataFrame, Manif
             continue
         rows.append((match["pid"], int(match["x"]), int(match["y"]), label, rel_path, size, mtime_ns))
     frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    frame = _merge_duplicate_copies(frame, report)
+    frame = _copies_in_the_sibling_tree(_merge_duplicate_copies(frame, report), root)
     if frame.empty:
         raise DatasetNotFoundError(missing_data_message(root, "no IDC patch files found under data.root"))
     frame = frame.astype({"patient_id": str, "x": "int32", "y": "int32", "label": "int8", "path": str,
@@ -154,6 +154,15 @@ def _merge_duplicate_copies(frame: pd.DataFrame, report: ManifestReport) -> pd.D
     report.duplicates = len(frame) - len(unique)
     unique = unique.merge(copies.rename(columns={"path": "copy_path"}), on=key, how="left")
     return unique.assign(copy_path=unique["copy_path"].fillna("")).drop(columns="depth")
+
+
+def _copies_in_the_sibling_tree(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """With data.root at the zip's IDC_regular_ps50_idx5/ (the default), the same files also lie one level up:
+    those become the copies the cache reads when a file here is corrupt."""
+    if root.name != DUPLICATE_TREE or frame.empty or not (root.parent / frame["path"].iat[0]).is_file():
+        return frame
+    alone = frame["copy_path"] == ""
+    return frame.assign(copy_path=frame["copy_path"].where(~alone, "../" + frame["path"]))
 
 
 def files_signature(root: Path, files: list[TreeFile]) -> str:

@@ -71,7 +71,24 @@ def test_a_corrupt_patch_is_read_from_its_duplicate_copy(odd_tree: Path, tmp_pat
     assert np.array_equal(cache.images[rescued["cache_index"]], fixed)
     assert "1 patch files do not decode but their duplicate copies do" in caplog.text
     assert [Path(p).name for p in cache.skipped.path] == ["9000_idx5_x251_y1_class0.png"]
-    assert cache.skipped.reason.iat[0].count("not a decodable image") == 2
+    reason = cache.skipped.reason.iat[0]
+    assert reason.count("not a decodable image") == 2 and "its copy" in reason and "IDC_regular_ps50_idx5" in reason
+
+
+def test_a_corrupt_patch_under_the_default_root_is_read_from_the_top_level_copy(tmp_path: Path) -> None:
+    """data.root defaults to the zip's IDC_regular_ps50_idx5/: its sibling tree one level up holds the copies."""
+    good = np.full((50, 50, 3), 70, np.uint8)
+    write(tmp_path / "9000/1/9000_idx5_x1_y1_class1.png", good)
+    write(tmp_path / "9000/0/9000_idx5_x51_y1_class0.png", good)
+    root = tmp_path / "IDC_regular_ps50_idx5"
+    write(root / "9000/0/9000_idx5_x51_y1_class0.png", good)
+    (root / "9000/1").mkdir(parents=True)
+    (root / "9000/1/9000_idx5_x1_y1_class1.png").write_bytes(b"truncated")
+    manifest, _ = scan_tree(root)
+    assert sorted(manifest.copy_path) == ["../9000/0/9000_idx5_x51_y1_class0.png",
+                                          "../9000/1/9000_idx5_x1_y1_class1.png"]
+    cache = build_cache(manifest, root, tmp_path / "cache", workers=1)
+    assert cache.skipped.empty and all(np.array_equal(image, good) for image in cache.images)
 
 
 def test_cache_key_follows_stain_normalisation(odd_tree: Path, tmp_path: Path) -> None:

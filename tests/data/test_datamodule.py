@@ -126,6 +126,10 @@ def test_files_that_give_no_patch_are_listed_in_the_run_folder(tiny_data_dir: Pa
         ("undecodable patch", f"{patient.name}_idx5_x9001_y9001_class1.png"),
     ]
     assert "3 files under" in caplog.text and str(tmp_path / "run" / UNUSED_FILES) in caplog.text
+    caplog.clear()
+    without_run_folder = instantiate(make_cfg("train", ["data=kaggle", f"data.root={tree}"]).data, output_dir=None)
+    without_run_folder.setup("fit")
+    assert "3 files under" in caplog.text and ".DS_Store: the name is not" in caplog.text
 
 
 def test_gpu_resident_loader_serves_every_patch_without_workers(make_cfg) -> None:
