@@ -71,10 +71,10 @@ def cache_key(manifest: pd.DataFrame, patch_size: int, pad_value: int, stain_nor
     Files rewritten under the same names (regenerated slides, a re-unzipped download) keep their folders'
     mtimes but not their own, so the cache never serves the old pixels.
     """
-    absent = [column for column in ("size", "mtime_ns") if column not in manifest.columns]
+    absent = [column for column in ("size", "mtime_ns", "copy_path") if column not in manifest.columns]
     if absent:
         raise ValueError(f"the manifest has no {absent} columns: build it with build_manifest or scan_tree")
-    files = manifest[[c for c in ("path", "label", "size", "mtime_ns", "copy_path") if c in manifest.columns]]
+    files = manifest[["path", "label", "size", "mtime_ns", "copy_path"]]
     digest = hashlib.sha1(pd.util.hash_pandas_object(files, index=False).values.tobytes())
     digest.update(f"{patch_size}|{pad_value}|{stain_norm}".encode())
     return digest.hexdigest()[:16]
@@ -130,9 +130,8 @@ def _load(folder: Path) -> PatchCache:
 
 def _copies(root: Path, rows: pd.DataFrame) -> list[tuple[str, ...]]:
     """Each row's file, then its duplicate copy where the download holds one (manifest `copy_path`)."""
-    copies = rows["copy_path"] if "copy_path" in rows.columns else [""] * len(rows)
     return [(str(root / path), str(root / copy)) if copy else (str(root / path),)
-            for path, copy in zip(rows["path"], copies, strict=True)]
+            for path, copy in zip(rows["path"], rows["copy_path"], strict=True)]
 
 
 def cache_folder(cache_dir: Path | str, key: str) -> Path:
