@@ -25,6 +25,15 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
+def _context_sentence(sigma: float) -> str:
+    if not sigma:
+        return "Each patch is scored alone (no spatial context)."
+    return (f"The threshold applies to probabilities in spatial context: each patch's probability is the Gaussian-"
+            f"weighted mean (sigma {sigma:g} patch widths) of its own and its neighbours' on the same slide, glass "
+            "left out (`idc_lightning.evaluation.spatial_context`). `predict` applies it; the exported network "
+            "gives the patch-alone probability, so apply the same smoothing before the threshold.")
+
+
 def model_card(checkpoint: RunCheckpoint, metrics: dict[str, float]) -> str:
     """The card's Markdown; `metrics` are the run's results.json (empty when the checkpoint was never tested)."""
     pre, point, patients = checkpoint.preprocessing, checkpoint.operating_point, checkpoint.patients
@@ -67,6 +76,8 @@ def model_card(checkpoint: RunCheckpoint, metrics: dict[str, float]) -> str:
         f"{point.chosen_on} patients. Calibration: {hparams.get('calibrate') or 'none'}"
         + (f" (temperature {float(checkpoint.state['temperature']):.3f} fitted on validation)"
            if "temperature" in checkpoint.state else "") + ".",
+        "",
+        _context_sentence(hparams.get("context_sigma", 0.0)),
         "",
         "## Test results (held-out patients)",
         "",

@@ -23,6 +23,7 @@ from idc_lightning.checkpoints import RunCheckpoint, preprocessing_settings, rea
 from idc_lightning.data.manifest import UNLABELLED
 from idc_lightning.data.stain import MACENKO_REFERENCE, StainReference
 from idc_lightning.evaluation.heatmaps import write_patient_heatmaps
+from idc_lightning.evaluation.report import PREDICTION_COLUMNS
 from idc_lightning.models.classifier import IDCClassifier
 from idc_lightning.slides.pipeline import SlideSettings, is_slide_folder, predict_slides
 from idc_lightning.slides.readers import SLIDE_SUFFIXES
@@ -44,7 +45,9 @@ def predict_patches(cfg: DictConfig, trainer: L.Trainer, model: IDCClassifier, s
     datamodule = instantiate(cfg.data, root=str(root), batch_size=cfg.predict.batch_size, synthetic=None, **settings)
     probs, index = _collect(trainer.predict(model, datamodule=datamodule))
     rows = datamodule.split_frame("predict").iloc[index]
-    predictions = rows[["patient_id", "x", "y", "label", "cache_index"]].assign(prob=probs).reset_index(drop=True)
+    predictions = rows[["patient_id", "x", "y", "label", "cache_index"]].assign(patch_prob=probs, prob=probs)
+    predictions = predictions.reset_index(drop=True)
+    predictions["prob"] = model.in_context(predictions)
     # Nullable integers: 0/1 in the CSV, empty for patches whose names carry no class.
     predictions["label"] = predictions["label"].where(predictions["label"] != UNLABELLED).astype("Int64")
     return predictions, datamodule.cache.images
@@ -89,7 +92,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
         return predict_slides(trainer, model, slide_settings(cfg, settings, checkpoint, threshold), source,
                               output_dir)
     predictions, patches = predict_patches(cfg, trainer, model, settings, source)
-    predictions[["patient_id", "x", "y", "label", "prob"]].to_csv(output_dir / "predictions.csv", index=False)
+    predictions[PREDICTION_COLUMNS].to_csv(output_dir / "predictions.csv", index=False)
     table = write_patient_heatmaps(predictions, lambda index: np.asarray(patches[index]), output_dir / "heatmaps",
                                    cfg.predict.max_heatmaps, threshold)
     table.to_csv(output_dir / "heatmaps" / "heatmaps.csv", index=False)

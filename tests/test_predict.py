@@ -42,7 +42,8 @@ def test_patient_folder_gets_a_prediction_per_patch_and_a_heatmap(
     predictions = run_predict(tiny_data_dir, tmp_path, checkpoint, patient)
     patches = list(patient.rglob("*.png"))
     written = pd.read_csv(tmp_path / "predictions.csv")
-    assert len(written) == len(patches) and list(written.columns) == ["patient_id", "x", "y", "label", "prob"]
+    assert len(written) == len(patches) and list(written.columns) == [
+        "patient_id", "x", "y", "label", "patch_prob", "prob"]
     assert written["prob"].between(0, 1).all() and written["label"].isin([0, 1]).all()
     assert written["prob"].std() > 0
     assert (tmp_path / "heatmaps" / f"{patient.name}.png").is_file()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -13,6 +14,8 @@ from conftest import REPO, TINY
 from idc_lightning.checkpoints import CheckpointError
 from idc_lightning.data.splits import SplitError
 from idc_lightning.eval import evaluate
+from idc_lightning.evaluation.metrics import ranking_metrics
+from idc_lightning.evaluation.spatial_context import smooth_patient_probabilities
 from idc_lightning.train import train
 
 FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3"]
@@ -34,7 +37,16 @@ def test_train_fits_tests_and_writes_the_run_folder(make_cfg, tmp_path: Path) ->
     splits = pd.read_csv(run / "splits.csv", dtype=str)
     test_patients = set(splits.patient_id[splits.split == "test"])
     assert set(predictions.patient_id) == test_patients
-    assert list(predictions.columns) == ["patient_id", "x", "y", "label", "prob"]
+    assert list(predictions.columns) == ["patient_id", "x", "y", "label", "patch_prob", "prob"]
+    # Metrics and the operating point use each patch in its slide context (model.context_sigma, saved with the model).
+    sigma = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["context_sigma"]
+    assert sigma > 0
+    in_context = smooth_patient_probabilities(predictions.assign(prob=predictions.patch_prob), sigma)
+    assert predictions["prob"].to_numpy() == pytest.approx(in_context, abs=1e-6)
+    assert not np.allclose(predictions["prob"], predictions["patch_prob"])
+    assert results["test/auroc"] == pytest.approx(ranking_metrics(predictions.prob, predictions.label)["auroc"])
+    assert results["test/patch_auroc"] == pytest.approx(
+        ranking_metrics(predictions.patch_prob, predictions.label)["auroc"])
     confusion = results["test/tp"] + results["test/fp"] + results["test/tn"] + results["test/fn"]
     assert confusion == len(predictions)
     patients = pd.read_csv(run / "patients.csv", dtype={"patient_id": str})

@@ -16,6 +16,8 @@ from idc_lightning.evaluation.metrics import patient_means, patient_table
 from idc_lightning.interfaces import EvaluatedModel
 
 TABLE_METRICS = ("auroc", "auprc", "f1", "bal_acc", "sensitivity", "specificity")
+# prob: in its slide context (model.context_sigma), what the metrics use; patch_prob: the patch alone.
+PREDICTION_COLUMNS = ["patient_id", "x", "y", "label", "patch_prob", "prob"]
 
 
 def _json_number(value: float) -> float | None:
@@ -33,7 +35,7 @@ def write_test_report(output_dir: Path, predictions: pd.DataFrame, metrics: dict
     """predictions.parquet, patients.csv, the curve PNGs at the operating point `threshold`, the reliability diagram;
     results.json with the patient means added. Returns the metrics with the patient means, and the PNGs written."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    predictions[["patient_id", "x", "y", "label", "prob"]].to_parquet(output_dir / "predictions.parquet", index=False)
+    predictions[PREDICTION_COLUMNS].to_parquet(output_dir / "predictions.parquet", index=False)
     patients = patient_table(predictions, threshold)
     patients.to_csv(output_dir / "patients.csv", index=False)
     metrics = dict(metrics)

@@ -16,8 +16,9 @@ from torchmetrics.classification import BinaryAUROC
 
 from idc_lightning import __version__
 from idc_lightning.evaluation.calibration import expected_calibration_error, fit_temperature, logits_of
-from idc_lightning.evaluation.metrics import binary_metrics
+from idc_lightning.evaluation.metrics import binary_metrics, ranking_metrics
 from idc_lightning.evaluation.operating_point import OperatingPoint, choose_threshold
+from idc_lightning.evaluation.spatial_context import smooth_patient_probabilities
 from idc_lightning.interfaces import PatchSource
 from idc_lightning.models.backbone import build_resnet18
 from idc_lightning.symmetry import dihedral
@@ -62,6 +63,7 @@ class IDCClassifier(L.LightningModule):
         threshold: float = 0.5,
         threshold_method: str = "youden",
         tta: bool = False,
+        context_sigma: float = 0.0,
         calibrate: str | None = None,
         channels_last: bool | str = "auto",
         compile: bool | str = "auto",
@@ -71,6 +73,9 @@ class IDCClassifier(L.LightningModule):
             raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
         if calibrate not in CALIBRATIONS:
             raise ValueError(f"model.calibrate={calibrate!r}: use null or temperature")
+        if context_sigma < 0:
+            raise ValueError(f"model.context_sigma must be >= 0 patch widths (0: each patch alone), got "
+                             f"{context_sigma}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -201,9 +206,17 @@ class IDCClassifier(L.LightningModule):
         return probs[first].cpu().numpy(), labels[first].cpu().numpy(), index.cpu().numpy()
 
     def _predictions_frame(self, split: str, probs: np.ndarray, index: np.ndarray) -> pd.DataFrame:
+        """The split's patches with `patch_prob` (the patch alone) and `prob` (in its slide context): `prob` is what
+        every metric, the operating point, heatmaps and predictions use."""
         frame = self._patch_source().split_frame(split).iloc[index]
         columns = ["patient_id", "x", "y", "label", "cache_index"]
-        return frame[columns].assign(prob=probs).reset_index(drop=True)
+        frame = frame[columns].assign(patch_prob=probs, prob=probs).reset_index(drop=True)
+        frame["prob"] = self.in_context(frame)
+        return frame
+
+    def in_context(self, predictions: pd.DataFrame) -> np.ndarray:
+        """`predictions.prob` averaged over each patch's neighbours on its patient's slide (model.context_sigma)."""
+        return smooth_patient_probabilities(predictions, self.hparams.context_sigma)
 
     def _calibrate(self, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Refit the temperature on these validation probabilities; return them recalibrated.
@@ -230,29 +243,37 @@ class IDCClassifier(L.LightningModule):
             return
         if self.hparams.calibrate == "temperature" and not self.trainer.sanity_checking:
             probs = self._calibrate(probs, labels)
+        predictions = self._predictions_frame("val", probs, index)
+        patch_auroc = ranking_metrics(probs, labels)["auroc"]
+        probs = predictions["prob"].to_numpy()
         # At the fixed threshold, like test/f1: the operating point chosen below is fitted to these very patches.
         metrics = binary_metrics(probs, labels, self.fixed_threshold)
         method = self.hparams.threshold_method
         threshold = choose_threshold(probs, labels, method, fallback=self.fixed_threshold)
         self.operating_point = OperatingPoint(threshold=threshold, method=method, chosen_on="val")
         logged = {f"val/{k}": metrics[k] for k in ("auroc", "f1", "bal_acc", "auprc")}
-        logged.update({"val/threshold": threshold, "val/ece": expected_calibration_error(probs, labels),
+        logged.update({"val/patch_auroc": patch_auroc, "val/threshold": threshold,
+                       "val/ece": expected_calibration_error(probs, labels),
                        "val/temperature": float(self.temperature),
                        "val/collapsed": self._warn_if_collapsed("val", probs)})
         self.log_dict(logged, sync_dist=True)
-        self.predictions["val"] = self._predictions_frame("val", probs, index)
+        self.predictions["val"] = predictions
 
     def on_test_epoch_end(self) -> None:
         probs, labels, index = self._gather("test")
+        predictions = self._predictions_frame("test", probs, index)
+        patch_auroc = ranking_metrics(probs, labels)["auroc"]
+        probs = predictions["prob"].to_numpy()
         at_fixed = binary_metrics(probs, labels, self.fixed_threshold)
         at_val = binary_metrics(probs, labels, self.operating_point.threshold, ranking=False)
         self.test_metrics = {f"test/{k}": float(v) for k, v in at_fixed.items()}
         self.test_metrics.update({f"test/{k}@val_thr": float(at_val[k]) for k in VAL_THR_METRICS})
         self.test_metrics["test/val_threshold"] = self.operating_point.threshold
+        self.test_metrics["test/patch_auroc"] = patch_auroc
         self.test_metrics["test/ece"] = expected_calibration_error(probs, labels)
         self.test_metrics["test/collapsed"] = self._warn_if_collapsed("test", probs) if len(probs) else 0.0
         self.log_dict(self.test_metrics, sync_dist=True)
-        self.predictions["test"] = self._predictions_frame("test", probs, index)
+        self.predictions["test"] = predictions
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The weights are in the checkpoint: rebuilding the model from it must never fetch ImageNet weights.

@@ -2,7 +2,8 @@
 
 Everything between a patch file and the probability that is per patch lives inside (scaling to [0, 1], resize,
 ImageNet normalisation, TTA, temperature), so a viewer or a service needs no Python preprocessing. Macenko stain
-normalisation is per patient (it estimates stains over all of a patient's patches) and stays outside.
+normalisation is per patient (it estimates stains over all of a patient's patches) and stays outside, as does the
+spatial context (model.context_sigma), which needs each patch's neighbours on its slide.
 """
 
 from __future__ import annotations

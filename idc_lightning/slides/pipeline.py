@@ -20,6 +20,7 @@ from idc_lightning.data.augment_config import AugmentConfig
 from idc_lightning.data.device_augment import BatchAugment
 from idc_lightning.data.stain import StainReference
 from idc_lightning.evaluation.operating_point import is_idc
+from idc_lightning.evaluation.spatial_context import smooth_on_grid
 from idc_lightning.models.classifier import IDCClassifier
 from idc_lightning.slides.geojson import feature_collection, tile_cells, write_geojson
 from idc_lightning.slides.overlay import probability_grid, render_overlay, write_grid
@@ -117,7 +118,8 @@ def predict_slide(trainer: L.Trainer, model: IDCClassifier, settings: SlideSetti
         reader.close()
     log.info("%s: %g um/px (%s), level %d resized %.3gx to %g um/px, %d tissue tiles", path, scale.slide_mpp,
              scale.mpp_source, scale.level, scale.zoom, scale.mpp, len(grid))
-    probs = _predict_tiles(trainer, model, SlideTiles(path, scale, grid, settings.pad_value, stain), settings)
+    patch_probs = _predict_tiles(trainer, model, SlideTiles(path, scale, grid, settings.pad_value, stain), settings)
+    probs = smooth_on_grid(grid.x, grid.y, patch_probs, model.hparams.context_sigma, grid.tile, grid.stride)
     cells = tile_cells(grid.x, grid.y, grid.tile, grid.stride, scale.level0_per_px)
     collection = feature_collection(cells, probs, settings.threshold, scale.slide_mpp)
     write_geojson(collection, out_dir / f"{name}.geojson")
@@ -137,7 +139,8 @@ def predict_slide(trainer: L.Trainer, model: IDCClassifier, settings: SlideSetti
            "max_prob": float(probs.max()), "seconds": time.perf_counter() - started}
     tiles = pd.DataFrame({"slide": name, "x": grid.x, "y": grid.y,
                           "x_level0": np.round(grid.x * scale.level0_per_px).astype(int),
-                          "y_level0": np.round(grid.y * scale.level0_per_px).astype(int), "prob": probs})
+                          "y_level0": np.round(grid.y * scale.level0_per_px).astype(int), "patch_prob": patch_probs,
+                          "prob": probs})
     return row, tiles
 
 
