@@ -2,15 +2,17 @@
 
     python benchmarks/real_inference_variants.py DATA_ROOT SWEEP_DIR --cache-dir DIR   (train's paths.cache_dir)
 
-For each fold's best checkpoint, the validation and test patients are predicted four ways:
+For each fold's best checkpoint, the validation and test patients are predicted four ways, each scored in the
+checkpoint's spatial context (model.context_sigma) as eval scores it:
 - plain: as eval does (with the model's own TTA setting);
 - tta: mean probability over the 8 dihedral views (what model.tta=true does);
 - bn_train: BatchNorm statistics re-estimated on 8,192 un-augmented training patches (training ends with running
   means of augmented batches);
 - bn_patient: BatchNorm statistics re-estimated on each patient's own patches (AdaBN), against stain shift.
-Validation AUROC decides, paired per fold against plain; the test columns use each variant's own threshold,
-chosen on validation by the checkpoint's model.threshold_method. The last lines average the folds' test
-probabilities (the fold ensemble).
+Then `plain` again at each width of --sigmas instead of the checkpoint's own (sigma=0: every patch alone).
+Validation AUROC decides, paired per fold against plain (the sigma rows against sigma=0); the test columns use
+each variant's own threshold, chosen on validation by the checkpoint's model.threshold_method. The last lines
+average the folds' test probabilities (the fold ensemble).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from idc_lightning.data.cache import PatchCache, build_cache
 from idc_lightning.data.manifest import build_manifest
 from idc_lightning.evaluation.metrics import binary_metrics
 from idc_lightning.evaluation.operating_point import choose_threshold
+from idc_lightning.evaluation.spatial_context import smooth_patient_probabilities
 from idc_lightning.models.classifier import IDCClassifier
 
 BATCH = 512
@@ -70,8 +73,9 @@ def _reestimate_batchnorm(model: IDCClassifier, images: torch.Tensor) -> None:
         norm.eval()
 
 
-def _fold_predictions(cache: PatchCache, checkpoint: RunCheckpoint) -> dict[str, dict[str, np.ndarray]]:
-    """{variant: {split: probabilities in cache row order}} for the val and test patients."""
+def _fold_predictions(cache: PatchCache, checkpoint: RunCheckpoint, sigmas: list[float]
+                      ) -> dict[str, dict[str, np.ndarray]]:
+    """{variant: {split: probabilities in cache row order}} for the val and test patients, in spatial context."""
     patient = cache.rows["patient_id"].astype(str)
     rows = {}
     for split in ("train", "val", "test"):
@@ -98,6 +102,15 @@ def _fold_predictions(cache: PatchCache, checkpoint: RunCheckpoint) -> dict[str,
             _reestimate_batchnorm(model, x[owners == owner])
             probs[owners == owner] = _probabilities(model, x[owners == owner])
         out["bn_patient"][split] = probs
+    places = {split: cache.rows.iloc[rows[split]][["patient_id", "x", "y"]] for split in ("val", "test")}
+
+    def in_context(probs: dict[str, np.ndarray], sigma: float) -> dict[str, np.ndarray]:
+        return {s: smooth_patient_probabilities(places[s].assign(prob=p), sigma) for s, p in probs.items()}
+
+    own_sigma = checkpoint.hyper_parameters.get("context_sigma", 0.0)
+    out.update({f"sigma={sigma:g}": in_context(out["plain"], sigma) for sigma in sigmas})
+    for variant in ("plain", "tta", "bn_train", "bn_patient"):
+        out[variant] = in_context(out[variant], own_sigma)
     out["labels"] = {split: cache.rows["label"].to_numpy()[rows[split]] for split in ("val", "test")}
     return out
 
@@ -107,7 +120,10 @@ def main() -> None:
     parser.add_argument("data_root", type=Path)
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--cache-dir", type=Path, required=True, help="train's paths.cache_dir")
+    parser.add_argument("--sigmas", default="0,0.5,0.75,1,1.5,2,3",
+                        help="context widths (patch widths, comma-separated) to score plain at")
     args = parser.parse_args()
+    sigmas = [float(sigma) for sigma in args.sigmas.split(",")]
     checkpoints = [read_checkpoint(path) for path in sorted(args.sweep_dir.glob("*/checkpoints/epoch_*.ckpt"))]
     if not checkpoints:
         raise SystemExit(f"no */checkpoints/epoch_*.ckpt under {args.sweep_dir}: give a real_cv sweep folder")
@@ -122,7 +138,7 @@ def main() -> None:
     records, test_probs, thresholds = [], {}, {}
     for checkpoint in checkpoints:
         fold = checkpoint.path.parent.parent.name
-        predictions = _fold_predictions(cache, checkpoint)
+        predictions = _fold_predictions(cache, checkpoint, sigmas)
         labels = predictions.pop("labels")
         for variant, probs in predictions.items():
             threshold = choose_threshold(probs["val"], labels["val"], checkpoint.hyper_parameters["threshold_method"])
@@ -134,13 +150,14 @@ def main() -> None:
             test_probs.setdefault(variant, []).append(probs["test"])
             thresholds.setdefault(variant, []).append(threshold)
     table = pd.DataFrame(records)
-    plain = table[table["variant"] == "plain"].set_index("fold")["val/auroc"]
+    val_auroc = table.set_index(["variant", "fold"])["val/auroc"]
     columns = list(table.columns)[2:]
-    print("| variant | folds | " + " | ".join(columns) + " | Δ val/auroc vs plain |")
+    print("| variant | folds | " + " | ".join(columns) + " | Δ val/auroc vs plain (sigma rows: vs sigma=0) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for variant, jobs in table.groupby("variant", sort=False):
         cells = [f"{jobs[c].mean():.3f} ± {jobs[c].std():.3f}" for c in columns]
-        change = jobs.set_index("fold")["val/auroc"] - plain
+        reference = "sigma=0" if variant.startswith("sigma=") and "sigma=0" in val_auroc else "plain"
+        change = jobs.set_index("fold")["val/auroc"] - val_auroc[reference]
         print(f"| {variant} | {len(jobs)} | " + " | ".join(cells) + f" | {change.mean():+.3f} ± {change.std():.3f} |")
     for variant, probs in test_probs.items():
         ensemble = binary_metrics(np.mean(probs, axis=0), labels["test"], float(np.mean(thresholds[variant])))

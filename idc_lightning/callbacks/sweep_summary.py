@@ -24,9 +24,10 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-# Test metrics at the operating point chosen on validation (never at a threshold tuned on test), and per patient.
+# Test metrics at the operating point chosen on validation (never at a threshold tuned on test), and per patient;
+# patch_auroc scores each patch alone, without the spatial context the others include.
 SUMMARY_METRICS = ("test/auroc", "test/auprc", "test/f1@val_thr", "test/bal_acc@val_thr", "test/patient_mean_auroc",
-                   "test/patient_mean_f1", "val/auroc")
+                   "test/patient_mean_f1", "test/patch_auroc", "val/auroc")
 # Folds of one setting are replicates: their spread is what mean ± std reports.
 REPLICATE_KEYS = ("data.fold",)
 ERROR_FILE = "error.txt"
