@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import pickle
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from idc_lightning import __version__
 from idc_lightning.data.datamodule import IDCDataModule
 from idc_lightning.evaluation.operating_point import OperatingPoint
 from idc_lightning.models.classifier import RUN_KEY, IDCClassifier
+from idc_lightning.models.ensemble import FoldEnsemble
 from idc_lightning.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -115,7 +117,102 @@ def read_checkpoint(path: str | Path) -> RunCheckpoint:
     )
 
 
-def preprocessing_settings(data: DictConfig, checkpoint: RunCheckpoint, allow_change: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EnsembleCheckpoint:
+    """Several checkpoints of one recipe (the folds of a cross-validation) read as one model: the mean of their
+    probabilities, called at the mean of their operating points (each chosen on its own validation patients)."""
+
+    path: Path
+    members: tuple[RunCheckpoint, ...]
+
+    def __post_init__(self) -> None:
+        first = self.members[0]
+        for member in self.members[1:]:
+            if member.preprocessing != first.preprocessing:
+                raise CheckpointError(f"{member.path} and {first.path} were trained with different preprocessing "
+                                      f"({member.preprocessing} against {first.preprocessing}); an ensemble needs one")
+            if member.hyper_parameters.get("context_sigma") != first.hyper_parameters.get("context_sigma"):
+                raise CheckpointError(f"{member.path} and {first.path} differ in model.context_sigma; an ensemble "
+                                      f"averages probabilities before the context, so it needs one")
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.members[0].preprocessing
+
+    @property
+    def hyper_parameters(self) -> dict[str, Any]:
+        return self.members[0].hyper_parameters
+
+    @property
+    def operating_point(self) -> OperatingPoint:
+        points = [member.operating_point for member in self.members]
+        methods = sorted({f"{point.method} on {point.chosen_on}" for point in points})
+        return OperatingPoint(threshold=float(sum(point.threshold for point in points) / len(points)),
+                              method=f"mean over {len(points)} models ({', '.join(methods)})",
+                              chosen_on="val")
+
+    @property
+    def patients(self) -> dict[str, list[str]]:
+        """Train and val: every member's (each fold's validation patients trained the others); test: shared ones."""
+        union = {name: sorted({p for m in self.members for p in m.patients.get(name, [])}) for name in ("train", "val")}
+        tests = [set(member.patients.get("test", [])) for member in self.members]
+        return {**union, "test": sorted(set.intersection(*tests))}
+
+    @property
+    def seen_patients(self) -> list[str]:
+        return sorted({p for member in self.members for p in member.seen_patients})
+
+    @property
+    def data_root(self) -> str:
+        roots = sorted({member.data_root for member in self.members})
+        if len(roots) > 1:
+            raise CheckpointError(f"{self.path}: the models were trained on different trees ({roots}); "
+                                  f"give data.root")
+        return roots[0]
+
+    def model(self) -> FoldEnsemble:
+        return FoldEnsemble([member.model() for member in self.members], self.operating_point).eval()
+
+
+def best_checkpoints(folder: Path) -> list[Path]:
+    """The best checkpoint of each job of a sweep folder (<job>/checkpoints/epoch_*.ckpt), or of one run folder."""
+    found = sorted(folder.glob("checkpoints/epoch_*.ckpt")) or sorted(folder.glob("*/checkpoints/epoch_*.ckpt"))
+    if not found:
+        raise CheckpointError(f"ckpt_path={folder} is a folder without checkpoints/epoch_*.ckpt or "
+                              f"*/checkpoints/epoch_*.ckpt; give a run or sweep folder of idc_lightning.train, "
+                              f"or .ckpt files")
+    per_run: dict[Path, list[Path]] = {}
+    for path in found:
+        per_run.setdefault(path.parent, []).append(path)
+    several = {str(run): [p.name for p in paths] for run, paths in per_run.items() if len(paths) > 1}
+    if several:
+        raise CheckpointError(f"ckpt_path={folder}: more than one best checkpoint in {several} "
+                              f"(callbacks.model_checkpoint.save_top_k > 1); list the .ckpt files to use instead")
+    return found
+
+
+def read_model_checkpoint(ckpt_path: str | Path | Sequence[str | Path]) -> RunCheckpoint | EnsembleCheckpoint:
+    """`ckpt_path` of eval and predict: a .ckpt file; a run or sweep folder (the best checkpoint of every job); or
+    a list of .ckpt files. More than one checkpoint makes a FoldEnsemble."""
+    if isinstance(ckpt_path, str | Path):
+        path = Path(ckpt_path)
+        if not path.is_dir():
+            return read_checkpoint(path)
+        paths, label = best_checkpoints(path), path
+    else:
+        paths = [Path(p) for p in ckpt_path]
+        if not paths:
+            raise CheckpointError("ckpt_path=[] names no checkpoint")
+        label = paths[0].parent
+    members = tuple(read_checkpoint(p) for p in paths)
+    if len(members) == 1:
+        return members[0]
+    log.info("Ensemble of %d checkpoints: %s", len(members), ", ".join(str(p) for p in paths))
+    return EnsembleCheckpoint(label, members)
+
+
+def preprocessing_settings(data: DictConfig, checkpoint: RunCheckpoint | EnsembleCheckpoint,
+                           allow_change: bool) -> dict[str, Any]:
     """data.* preprocessing for eval/predict: the checkpoint's, where the command leaves them null.
 
     A value given on the command line that contradicts the checkpoint is an error naming both, unless

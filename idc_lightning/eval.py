@@ -2,7 +2,7 @@
 
 The model, its preprocessing, its operating point and (unless data.root is given) its data tree come from the
 checkpoint; the test patients are every labelled patient under data.root that the checkpoint did not train or
-validate on (or data.split_file's test rows).
+validate on (or data.split_file's test rows). A sweep folder or a list of checkpoints is tested as their ensemble.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from idc_lightning.builders import build_run, log_config, print_config_tree
-from idc_lightning.checkpoints import preprocessing_settings, read_checkpoint
+from idc_lightning.checkpoints import preprocessing_settings, read_model_checkpoint
 from idc_lightning.evaluation.report import publish_test_report
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
-    checkpoint = read_checkpoint(cfg.ckpt_path)
+    checkpoint = read_model_checkpoint(cfg.ckpt_path)
     settings = preprocessing_settings(cfg.data, checkpoint, cfg.allow_preprocessing_change)
     root = cfg.data.root if cfg.data.root is not None else checkpoint.data_root
     run = build_run(cfg, checkpoint.model(), seen_patients=checkpoint.seen_patients, root=root, **settings)

@@ -1,6 +1,7 @@
 """python -m idc_lightning.predict ckpt_path=PATH input=PATH: IDC probabilities and heatmaps for new data.
 
-The model, its preprocessing and its operating point come from the checkpoint. Patch folders go through the same
+The model, its preprocessing and its operating point come from the checkpoint (a sweep folder or a list of
+checkpoints: their ensemble). Patch folders go through the same
 IDCDataModule as training; whole slides (any format OpenSlide reads, or PNG/JPEG/TIFF) are tiled at the training
 scale by `idc_lightning.slides` and give QuPath GeoJSON, an overlay and slides.csv.
 """
@@ -19,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from idc_lightning.builders import print_config_tree
-from idc_lightning.checkpoints import RunCheckpoint, preprocessing_settings, read_checkpoint
+from idc_lightning.checkpoints import EnsembleCheckpoint, RunCheckpoint, preprocessing_settings, read_model_checkpoint
 from idc_lightning.data.manifest import UNLABELLED
 from idc_lightning.data.stain import MACENKO_REFERENCE, StainReference
 from idc_lightning.evaluation.heatmaps import write_patient_heatmaps
@@ -53,7 +54,7 @@ def predict_patches(cfg: DictConfig, trainer: L.Trainer, model: IDCClassifier, s
     return predictions, datamodule.cache.images
 
 
-def stain_reference(settings: dict, checkpoint: RunCheckpoint) -> StainReference | None:
+def stain_reference(settings: dict, checkpoint: RunCheckpoint | EnsembleCheckpoint) -> StainReference | None:
     """The Macenko target the training patches were normalised to (the standard one if training did not)."""
     if settings["stain_norm"] != "macenko":
         return None
@@ -63,7 +64,8 @@ def stain_reference(settings: dict, checkpoint: RunCheckpoint) -> StainReference
     return StainReference(np.asarray(trained.stain_vectors), np.asarray(trained.max_concentrations))
 
 
-def slide_settings(cfg: DictConfig, settings: dict, checkpoint: RunCheckpoint, threshold: float) -> SlideSettings:
+def slide_settings(cfg: DictConfig, settings: dict, checkpoint: RunCheckpoint | EnsembleCheckpoint,
+                   threshold: float) -> SlideSettings:
     return SlideSettings(
         patch_size=settings["patch_size"], image_size=settings["image_size"], mean=tuple(settings["mean"]),
         std=tuple(settings["std"]), pad_value=settings["pad_value"], microns_per_pixel=settings["microns_per_pixel"],
@@ -79,7 +81,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     if not source.exists():
         raise FileNotFoundError(f"input={source} does not exist; give a patient folder, a folder of patients "
                                 f"or a slide / folder of slides ({', '.join(sorted(SLIDE_SUFFIXES))})")
-    checkpoint = read_checkpoint(cfg.ckpt_path)
+    checkpoint = read_model_checkpoint(cfg.ckpt_path)
     settings = preprocessing_settings(cfg.data, checkpoint, cfg.allow_preprocessing_change)
     threshold = checkpoint.operating_point.threshold if cfg.predict.threshold is None else cfg.predict.threshold
     model = checkpoint.model()

@@ -1,0 +1,108 @@
+"""Fold ensembles: eval and predict take a sweep folder or a list of checkpoints and average the models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import compose_config
+
+from idc_lightning.checkpoints import CheckpointError, EnsembleCheckpoint, read_checkpoint, read_model_checkpoint
+from idc_lightning.eval import evaluate
+from idc_lightning.evaluation.metrics import ranking_metrics
+from idc_lightning.evaluation.spatial_context import smooth_patient_probabilities
+from idc_lightning.models.ensemble import FoldEnsemble
+from idc_lightning.predict import predict
+from idc_lightning.train import train
+
+FOLDS = 2
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cross-validation sweep folder as Hydra writes it: <sweep>/<job>/checkpoints/epoch_*.ckpt, one per fold."""
+    folder = tmp_path_factory.mktemp("sweep")
+    for fold in range(FOLDS):
+        train(compose_config("train", folder / str(fold), tiny_data_dir, [
+            "trainer.max_epochs=1", "trainer.limit_train_batches=2", "callbacks.heatmap=null", "test=false",
+            "data.num_folds=3", f"data.fold={fold}"]))
+    return folder
+
+
+def members(sweep: Path) -> list[Path]:
+    return sorted(sweep.glob("*/checkpoints/epoch_*.ckpt"))
+
+
+def test_a_sweep_folder_is_read_as_the_ensemble_of_its_folds(sweep: Path) -> None:
+    ensemble = read_model_checkpoint(sweep)
+    folds = [read_checkpoint(path) for path in members(sweep)]
+    assert isinstance(ensemble, EnsembleCheckpoint) and len(ensemble.members) == FOLDS
+    assert ensemble.operating_point.threshold == pytest.approx(np.mean([f.operating_point.threshold for f in folds]))
+    # The folds validated on different patients; every one of them was seen by some member.
+    assert not set(folds[0].patients["val"]) & set(folds[1].patients["val"])
+    assert ensemble.patients["val"] == sorted({*folds[0].patients["val"], *folds[1].patients["val"]})
+    assert set(ensemble.seen_patients) == {p for fold in folds for p in fold.seen_patients}
+    assert ensemble.patients["test"] == sorted(folds[0].patients["test"])
+    assert isinstance(read_model_checkpoint(sweep / "0"), type(folds[0]))  # one run folder: its best checkpoint
+
+
+def test_the_ensemble_probability_is_the_members_mean(sweep: Path) -> None:
+    model = read_model_checkpoint([str(path) for path in members(sweep)]).model()
+    assert isinstance(model, FoldEnsemble) and "members" not in model.hparams
+    images = torch.randn(6, 3, 50, 50)
+    with torch.no_grad():
+        expected = torch.stack([read_checkpoint(p).model().idc_probability(images) for p in members(sweep)]).mean(0)
+        assert torch.allclose(model.idc_probability(images), expected, atol=1e-6)
+        assert torch.allclose(model(images).softmax(dim=1)[:, 1], expected, atol=1e-5)
+
+
+def test_eval_of_a_sweep_tests_the_averaged_model_on_patients_no_fold_saw(make_cfg, sweep: Path,
+                                                                          tmp_path: Path) -> None:
+    metrics = evaluate(make_cfg("eval", [f"ckpt_path={sweep}"], output_dir=tmp_path / "ensemble"))
+    tested = pd.read_parquet(tmp_path / "ensemble" / "predictions.parquet")
+    assert not set(tested.patient_id) & set(read_model_checkpoint(sweep).seen_patients)
+    keys = ["patient_id", "x", "y"]
+    alone = []
+    for number, path in enumerate(members(sweep)):
+        # Each fold saw every patient outside the test split, so it is tested on the same patients.
+        evaluate(make_cfg("eval", [f"ckpt_path={path}"], output_dir=tmp_path / f"fold{number}"))
+        alone.append(pd.read_parquet(tmp_path / f"fold{number}" / "predictions.parquet").sort_values(keys))
+    tested = tested.sort_values(keys)
+    mean = np.mean([frame["patch_prob"].to_numpy() for frame in alone], axis=0)
+    assert tested["patch_prob"].to_numpy() == pytest.approx(mean, abs=1e-5)
+    sigma = read_model_checkpoint(sweep).hyper_parameters["context_sigma"]
+    in_context = smooth_patient_probabilities(tested.assign(prob=mean), sigma)
+    assert metrics["test/auroc"] == pytest.approx(ranking_metrics(in_context, tested["label"])["auroc"], abs=1e-5)
+    assert metrics["test/val_threshold"] == pytest.approx(read_model_checkpoint(sweep).operating_point.threshold)
+
+
+def test_predict_takes_a_list_of_checkpoints(tiny_data_dir: Path, sweep: Path, tmp_path: Path) -> None:
+    patient = sorted(p for p in next(tiny_data_dir.glob("synthetic_*")).iterdir() if p.is_dir())[0]
+    listed = "[" + ",".join(str(path) for path in members(sweep)) + "]"
+    predictions = predict(compose_config("predict", tmp_path / "ensemble", tiny_data_dir,
+                                         [f"ckpt_path={listed}", f"input={patient}"]))
+    each = [predict(compose_config("predict", tmp_path / str(n), tiny_data_dir, [f"ckpt_path={p}", f"input={patient}"]))
+            for n, p in enumerate(members(sweep))]
+    mean = np.mean([frame["patch_prob"].to_numpy() for frame in each], axis=0)
+    assert predictions["patch_prob"].to_numpy() == pytest.approx(mean, abs=1e-5)
+
+
+def test_unusable_ensembles_fail_with_clear_errors(sweep: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="folder without checkpoints"):
+        read_model_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="names no checkpoint"):
+        read_model_checkpoint([])
+    crowded = tmp_path / "crowded" / "checkpoints"
+    crowded.mkdir(parents=True)
+    for name in ("epoch_000.ckpt", "epoch_001.ckpt"):
+        (crowded / name).write_bytes(members(sweep)[0].read_bytes())
+    with pytest.raises(CheckpointError, match="more than one best checkpoint"):
+        read_model_checkpoint(tmp_path / "crowded")
+    state = torch.load(members(sweep)[1], weights_only=True)
+    state["hyper_parameters"]["context_sigma"] = 0.0
+    torch.save(state, tmp_path / "other_context.ckpt")
+    with pytest.raises(CheckpointError, match="differ in model.context_sigma"):
+        read_model_checkpoint([str(members(sweep)[0]), str(tmp_path / "other_context.ckpt")])
