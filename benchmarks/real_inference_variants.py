@@ -105,7 +105,7 @@ def _fold_predictions(cache: PatchCache, checkpoint: RunCheckpoint, sigmas: list
     places = {split: cache.rows.iloc[rows[split]][["patient_id", "x", "y"]] for split in ("val", "test")}
 
     def in_context(probs: dict[str, np.ndarray], sigma: float) -> dict[str, np.ndarray]:
-        return {s: smooth_patient_probabilities(places[s].assign(prob=p), sigma) for s, p in probs.items()}
+        return {s: smooth_patient_probabilities(places[s].assign(patch_prob=p), sigma) for s, p in probs.items()}
 
     own_sigma = checkpoint.hyper_parameters.get("context_sigma", 0.0)
     out.update({f"sigma={sigma:g}": in_context(out["plain"], sigma) for sigma in sigmas})

@@ -7,6 +7,7 @@ runs) and checked strictly. Every setting a later step needs is taken from here,
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import zipfile
 from collections.abc import Sequence
@@ -128,12 +129,14 @@ class EnsembleCheckpoint:
     def __post_init__(self) -> None:
         first = self.members[0]
         for member in self.members[1:]:
-            if member.preprocessing != first.preprocessing:
+            differences = member.preprocessing.differences(first.preprocessing)
+            if differences:
+                listed = "; ".join(f"{key} {mine!r} against {theirs!r}" for key, (mine, theirs) in differences.items())
                 raise CheckpointError(f"{member.path} and {first.path} were trained with different preprocessing "
-                                      f"({member.preprocessing} against {first.preprocessing}); an ensemble needs one")
-            if member.hyper_parameters.get("context_sigma") != first.hyper_parameters.get("context_sigma"):
-                raise CheckpointError(f"{member.path} and {first.path} differ in model.context_sigma; an ensemble "
-                                      f"averages probabilities before the context, so it needs one")
+                                      f"({listed}); the models of an ensemble read the same patches")
+        if len({tuple(sorted(member.patients.get("test", []))) for member in self.members}) > 1:
+            log.warning("%s: the models held out different test patients; the ensemble is tested on the patients "
+                        "none of them trained or validated on", self.path)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -177,6 +180,11 @@ class EnsembleCheckpoint:
 def best_checkpoints(folder: Path) -> list[Path]:
     """The best checkpoint of each job of a sweep folder (<job>/checkpoints/epoch_*.ckpt), or of one run folder."""
     found = sorted(folder.glob("checkpoints/epoch_*.ckpt")) or sorted(folder.glob("*/checkpoints/epoch_*.ckpt"))
+    jobs = [job for job in sorted(folder.iterdir()) if (job / ".hydra").is_dir() and job != folder]
+    without = [job.name for job in jobs if not any((job / "checkpoints").glob("epoch_*.ckpt"))]
+    if found and without:
+        log.warning("%s: jobs %s have no best checkpoint (failed, or still running); the ensemble leaves them out",
+                    folder, without)
     if not found:
         raise CheckpointError(f"ckpt_path={folder} is a folder without checkpoints/epoch_*.ckpt or "
                               f"*/checkpoints/epoch_*.ckpt; give a run or sweep folder of idc_lightning.train, "
@@ -203,7 +211,7 @@ def read_model_checkpoint(ckpt_path: str | Path | Sequence[str | Path]) -> RunCh
         paths = [Path(p) for p in ckpt_path]
         if not paths:
             raise CheckpointError("ckpt_path=[] names no checkpoint")
-        label = paths[0].parent
+        label = Path(os.path.commonpath([p.absolute() for p in paths]))
     members = tuple(read_checkpoint(p) for p in paths)
     if len(members) == 1:
         return members[0]

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 def _collect(outputs: list[dict[str, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, row positions) from trainer.predict's per-batch outputs."""
-    probs = torch.cat([batch["prob"] for batch in outputs]).float().numpy()
+    probs = torch.cat([batch["patch_prob"] for batch in outputs]).float().numpy()
     index = torch.cat([batch["index"] for batch in outputs]).numpy()
     return probs, index
 
@@ -46,7 +46,7 @@ def predict_patches(cfg: DictConfig, trainer: L.Trainer, model: IDCClassifier, s
     datamodule = instantiate(cfg.data, root=str(root), batch_size=cfg.predict.batch_size, synthetic=None, **settings)
     probs, index = _collect(trainer.predict(model, datamodule=datamodule))
     rows = datamodule.split_frame("predict").iloc[index]
-    predictions = rows[["patient_id", "x", "y", "label", "cache_index"]].assign(patch_prob=probs, prob=probs)
+    predictions = rows[["patient_id", "x", "y", "label", "cache_index"]].assign(patch_prob=probs)
     predictions = predictions.reset_index(drop=True)
     predictions["prob"] = model.in_context(predictions)
     # Nullable integers: 0/1 in the CSV, empty for patches whose names carry no class.

@@ -102,3 +102,15 @@ def test_eval_cli_needs_only_the_checkpoint(trained_run, tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["test/auroc"] == pytest.approx(trained["test/auroc"], abs=1e-6)
+
+
+def test_a_checkpoint_from_before_spatial_context_scores_each_patch_alone(trained_checkpoint: Path,
+                                                                          tmp_path: Path) -> None:
+    state = torch.load(trained_checkpoint, weights_only=True)
+    assert state["hyper_parameters"]["context_sigma"] > 0
+    del state["hyper_parameters"]["context_sigma"]
+    torch.save(state, tmp_path / "older.ckpt")
+    model = read_checkpoint(tmp_path / "older.ckpt").model()
+    predictions = pd.DataFrame({"patient_id": "p", "x": [1, 51, 101], "y": [1, 1, 1], "patch_prob": [0.1, 0.9, 0.1]})
+    assert model.hparams.context_sigma == 0
+    assert model.in_context(predictions) == pytest.approx([0.1, 0.9, 0.1])

@@ -74,7 +74,7 @@ def test_eval_of_a_sweep_tests_the_averaged_model_on_patients_no_fold_saw(make_c
     mean = np.mean([frame["patch_prob"].to_numpy() for frame in alone], axis=0)
     assert tested["patch_prob"].to_numpy() == pytest.approx(mean, abs=1e-5)
     sigma = read_model_checkpoint(sweep).hyper_parameters["context_sigma"]
-    in_context = smooth_patient_probabilities(tested.assign(prob=mean), sigma)
+    in_context = smooth_patient_probabilities(tested.assign(patch_prob=mean), sigma)
     assert metrics["test/auroc"] == pytest.approx(ranking_metrics(in_context, tested["label"])["auroc"], abs=1e-5)
     assert metrics["test/val_threshold"] == pytest.approx(read_model_checkpoint(sweep).operating_point.threshold)
 
@@ -104,5 +104,12 @@ def test_unusable_ensembles_fail_with_clear_errors(sweep: Path, tmp_path: Path) 
     state = torch.load(members(sweep)[1], weights_only=True)
     state["hyper_parameters"]["context_sigma"] = 0.0
     torch.save(state, tmp_path / "other_context.ckpt")
-    with pytest.raises(CheckpointError, match="differ in model.context_sigma"):
-        read_model_checkpoint([str(members(sweep)[0]), str(tmp_path / "other_context.ckpt")])
+    with pytest.raises(ValueError, match="differ in model.context_sigma"):
+        read_model_checkpoint([str(members(sweep)[0]), str(tmp_path / "other_context.ckpt")]).model()
+    state["hyper_parameters"]["context_sigma"] = read_checkpoint(members(sweep)[0]).hyper_parameters["context_sigma"]
+    state["IDCDataModule"]["preprocessing"]["pad_value"] += 1
+    torch.save(state, tmp_path / "other_padding.ckpt")
+    with pytest.raises(CheckpointError, match="different preprocessing \\(pad_value"):
+        read_model_checkpoint([str(members(sweep)[0]), str(tmp_path / "other_padding.ckpt")])
+    with pytest.raises(TypeError, match="for eval and predict"):
+        read_model_checkpoint(sweep).model().configure_optimizers()

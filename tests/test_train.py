@@ -41,7 +41,7 @@ def test_train_fits_tests_and_writes_the_run_folder(make_cfg, tmp_path: Path) ->
     # Metrics and the operating point use each patch in its slide context (model.context_sigma, saved with the model).
     sigma = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["context_sigma"]
     assert sigma > 0
-    in_context = smooth_patient_probabilities(predictions.assign(prob=predictions.patch_prob), sigma)
+    in_context = smooth_patient_probabilities(predictions, sigma)
     assert predictions["prob"].to_numpy() == pytest.approx(in_context, abs=1e-6)
     assert not np.allclose(predictions["prob"], predictions["patch_prob"])
     assert results["test/auroc"] == pytest.approx(ranking_metrics(predictions.prob, predictions.label)["auroc"])

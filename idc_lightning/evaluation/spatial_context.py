@@ -19,11 +19,17 @@ from idc_lightning.preprocessing import PATCH_SIZE
 TRUNCATE_SIGMAS = 3.0
 
 
-def gaussian_kernel(sigma_cells: float) -> np.ndarray:
+def gaussian_profile(sigma_cells: float) -> np.ndarray:
+    """One axis of the separable kernel, in grid cells."""
     radius = max(1, int(np.ceil(TRUNCATE_SIGMAS * sigma_cells)))
     offsets = np.arange(-radius, radius + 1)
-    profile = np.exp(-(offsets**2) / (2 * sigma_cells**2))
-    return np.outer(profile, profile)
+    return np.exp(-(offsets**2) / (2 * sigma_cells**2)).astype(np.float32)
+
+
+def _separable_sum(grid: np.ndarray, profile: np.ndarray) -> np.ndarray:
+    # Direct row-then-column sums (no FFT, which filter2D uses for large kernels): exact zeros stay zero, so no
+    # probability leaves [0, 1] and torchmetrics never mistakes them for logits.
+    return cv2.sepFilter2D(grid, -1, profile, profile, borderType=cv2.BORDER_CONSTANT)
 
 
 def smooth_on_grid(x: np.ndarray, y: np.ndarray, probs: np.ndarray, sigma: float, tile: int = PATCH_SIZE,
@@ -41,9 +47,9 @@ def smooth_on_grid(x: np.ndarray, y: np.ndarray, probs: np.ndarray, sigma: float
     geometry = grid_geometry(x, y, step)
     grid = value_grid(x, y, probs, geometry)
     present = np.isfinite(grid).astype(np.float32)
-    kernel = gaussian_kernel(sigma * tile / geometry.step).astype(np.float32)
-    weighted = cv2.filter2D(np.nan_to_num(grid), -1, kernel, borderType=cv2.BORDER_CONSTANT)
-    weights = cv2.filter2D(present, -1, kernel, borderType=cv2.BORDER_CONSTANT)
+    profile = gaussian_profile(sigma * tile / geometry.step)
+    weighted = _separable_sum(np.nan_to_num(grid), profile)
+    weights = _separable_sum(present, profile)
     rows, cols = cell_index(x, y, geometry)
     weighted, weights = weighted[rows, cols], weights[rows, cols]
     smoothed = np.divide(weighted, weights, out=np.full_like(weighted, np.nan), where=weights > 0)
@@ -51,13 +57,13 @@ def smooth_on_grid(x: np.ndarray, y: np.ndarray, probs: np.ndarray, sigma: float
 
 
 def smooth_patient_probabilities(predictions: pd.DataFrame, sigma: float) -> np.ndarray:
-    """Context probabilities, in row order, of a predictions frame (patient_id, x, y, prob): each patient is
-    its own slide, so no patient's neighbours leak into another's."""
-    smoothed = predictions["prob"].to_numpy(np.float32).copy()
+    """Context probabilities, in row order, of a predictions frame (patient_id, x, y, patch_prob): each patient
+    is its own slide, so no patient's neighbours leak into another's. The Kaggle grid step is one patch width."""
+    smoothed = predictions["patch_prob"].to_numpy(np.float32).copy()
     if sigma == 0 or predictions.empty:
         return smoothed
     for rows in predictions.groupby(predictions["patient_id"].astype(str), sort=False).indices.values():
         patient = predictions.iloc[rows]
         smoothed[rows] = smooth_on_grid(patient["x"].to_numpy(), patient["y"].to_numpy(),
-                                        patient["prob"].to_numpy(), sigma)
+                                        patient["patch_prob"].to_numpy(), sigma)
     return smoothed

@@ -191,7 +191,8 @@ class IDCClassifier(L.LightningModule):
         self._evaluate_step("test", batch)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {"prob": self.idc_probability(batch["image"]).float(), "index": batch["index"]}
+        # Each patch alone: the spatial context needs the whole slide, so it is applied to the gathered predictions.
+        return {"patch_prob": self.idc_probability(batch["image"]).float(), "index": batch["index"]}
 
     def _gather(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predictions of every rank, each patch once (DistributedSampler pads ranks with repeats)."""
@@ -210,12 +211,13 @@ class IDCClassifier(L.LightningModule):
         every metric, the operating point, heatmaps and predictions use."""
         frame = self._patch_source().split_frame(split).iloc[index]
         columns = ["patient_id", "x", "y", "label", "cache_index"]
-        frame = frame[columns].assign(patch_prob=probs, prob=probs).reset_index(drop=True)
+        frame = frame[columns].assign(patch_prob=probs).reset_index(drop=True)
         frame["prob"] = self.in_context(frame)
         return frame
 
     def in_context(self, predictions: pd.DataFrame) -> np.ndarray:
-        """`predictions.prob` averaged over each patch's neighbours on its patient's slide (model.context_sigma)."""
+        """`predictions.patch_prob` averaged over each patch's neighbours on its patient's slide
+        (model.context_sigma): the probability every metric, the operating point and the heatmaps use."""
         return smooth_patient_probabilities(predictions, self.hparams.context_sigma)
 
     def _calibrate(self, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -30,8 +30,9 @@ class FoldEnsemble(IDCClassifier):
         for member in members[1:]:
             differing = [key for key in SHARED_AFTER_AVERAGING if member.hparams[key] != first[key]]
             if differing:
-                raise ValueError(f"ensemble members differ in {differing}: "
-                                 f"{[dict((k, m.hparams[k]) for k in differing) for m in members]}")
+                raise ValueError(f"the models of an ensemble differ in model.{', model.'.join(differing)} "
+                                 f"({[{k: m.hparams[k] for k in differing} for m in members]}): these apply to the "
+                                 "averaged probability, so they must agree")
         super().__init__(**{**first, "pretrained": False})
         # The base class saved every __init__ argument in the hierarchy; the members are modules, not settings.
         self.save_hyperparameters(ignore=["members", "operating_point"])
@@ -41,6 +42,9 @@ class FoldEnsemble(IDCClassifier):
         # test/loss weighs the classes as the members' training did (their splits' frequencies differ a little).
         self.loss_weights.copy_(torch.stack([member.loss_weights for member in members]).mean(dim=0))
         self.operating_point = operating_point
+
+    def configure_optimizers(self) -> dict:
+        raise TypeError("FoldEnsemble is for eval and predict; train each member (a fold) with idc_lightning.train")
 
     def configure_model(self) -> None:
         for member in self.members:

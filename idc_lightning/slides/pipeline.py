@@ -92,7 +92,7 @@ def _predict_tiles(trainer: L.Trainer, model: IDCClassifier, dataset: SlideTiles
     outputs = trainer.predict(model, dataloaders=loader)
     probs = np.full(len(dataset), np.nan, np.float32)
     index = torch.cat([batch["index"] for batch in outputs]).numpy()
-    probs[index] = torch.cat([batch["prob"] for batch in outputs]).float().numpy()
+    probs[index] = torch.cat([batch["patch_prob"] for batch in outputs]).float().numpy()
     return probs
 
 

@@ -43,6 +43,16 @@ def test_sigma_counts_patch_widths_whatever_the_grid_step() -> None:
     assert kaggle[0] == pytest.approx(math.exp(-0.5) / (1 + math.exp(-0.5)), rel=1e-5)
 
 
+@pytest.mark.parametrize(("sigma", "step"), [(2.0, 50), (1.5, 25)])
+def test_wide_kernels_keep_exact_zeros_and_stay_within_zero_and_one(sigma: float, step: int) -> None:
+    ys, xs = np.mgrid[0:40, 0:40]
+    probs = (xs >= 20).ravel().astype(np.float32)
+    smoothed = smooth_on_grid(xs.ravel() * step, ys.ravel() * step, probs, sigma, tile=50, step=step)
+    reach = int(np.ceil(3 * sigma * 50 / step))  # the kernel's radius in cells
+    assert smoothed.min() >= 0 and smoothed.max() <= 1
+    assert (smoothed[(xs < 20 - reach).ravel()] == 0).all() and (smoothed[(xs >= 20 + reach).ravel()] == 1).all()
+
+
 def test_missing_probabilities_stay_missing_and_are_not_spread() -> None:
     smoothed = smooth_on_grid(np.array([0, 50, 100]), np.array([0, 0, 0]), np.array([0.2, np.nan, 0.2]), sigma=1.0)
     assert np.isnan(smoothed[1]) and smoothed[[0, 2]] == pytest.approx([0.2, 0.2])
@@ -50,7 +60,7 @@ def test_missing_probabilities_stay_missing_and_are_not_spread() -> None:
 
 def test_patients_never_borrow_each_others_neighbours() -> None:
     predictions = pd.DataFrame({"patient_id": ["a", "a", "b", "b"], "x": [1, 51, 1, 51], "y": [1, 1, 1, 1],
-                                "prob": [0.1, 0.1, 0.9, 0.9]})
+                                "patch_prob": [0.1, 0.1, 0.9, 0.9]})
     assert smooth_patient_probabilities(predictions, 2.0) == pytest.approx([0.1, 0.1, 0.9, 0.9])
 
 
@@ -59,7 +69,8 @@ def test_context_ranks_a_noisy_tumour_region_better_than_patches_alone() -> None
     ys, xs = np.mgrid[0:30, 0:30]
     labels = ((xs - 15) ** 2 + (ys - 15) ** 2 < 64).ravel().astype(int)
     probs = np.clip(0.3 + 0.4 * labels + rng.normal(0, 0.25, labels.size), 0, 1)
-    predictions = pd.DataFrame({"patient_id": "p", "x": xs.ravel() * 50 + 1, "y": ys.ravel() * 50 + 1, "prob": probs})
+    predictions = pd.DataFrame({"patient_id": "p", "x": xs.ravel() * 50 + 1, "y": ys.ravel() * 50 + 1,
+                                "patch_prob": probs})
     alone = ranking_metrics(probs, labels)["auroc"]
     in_context = ranking_metrics(smooth_patient_probabilities(predictions, 1.5), labels)["auroc"]
     assert alone < 0.9 < in_context

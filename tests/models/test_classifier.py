@@ -7,12 +7,15 @@ from pathlib import Path
 from urllib.error import URLError
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
 from torchvision.models import resnet18
 
 import idc_lightning.models.backbone as backbone
+from idc_lightning.evaluation.operating_point import choose_threshold
+from idc_lightning.evaluation.spatial_context import smooth_patient_probabilities
 from idc_lightning.models.backbone import PretrainedWeightsError, build_resnet18, imagenet_checkpoint_path
 from idc_lightning.models.classifier import IDCClassifier
 from idc_lightning.symmetry import dihedral
@@ -132,3 +135,17 @@ def test_label_smoothing_softens_the_training_targets_only() -> None:
         assert float(hard.training_step(batch, 0)) != pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(ValueError, match="label_smoothing"):
         classifier(label_smoothing=1.0)
+
+
+def test_the_operating_point_is_chosen_on_probabilities_in_context(make_cfg) -> None:
+    cfg = make_cfg("train", ["model.context_sigma=1.5", "model.threshold_method=f1"])
+    model, datamodule = instantiate(cfg.model), instantiate(cfg.data)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=datamodule)
+    val = model.predictions["val"]
+    assert val["prob"].to_numpy() == pytest.approx(smooth_patient_probabilities(val, 1.5), abs=1e-6)
+    assert not np.allclose(val["prob"], val["patch_prob"])
+    chosen = choose_threshold(val["prob"].to_numpy(), val["label"].to_numpy(), "f1")
+    assert model.operating_point.threshold == pytest.approx(chosen)
+    assert chosen != pytest.approx(choose_threshold(val["patch_prob"].to_numpy(), val["label"].to_numpy(), "f1"))

@@ -12,6 +12,8 @@ import tifffile
 from conftest import TINY, compose_config
 from scanner import slide_from_patches
 
+from idc_lightning.checkpoints import read_checkpoint
+from idc_lightning.evaluation.spatial_context import smooth_on_grid
 from idc_lightning.predict import predict
 from idc_lightning.slides.readers import open_slide
 from idc_lightning.slides.scale import working_scale
@@ -59,6 +61,21 @@ def test_slide_tiles_reproduce_the_patch_predictions(
     assert list(pd.read_csv(tmp_path / "slide" / "predictions.csv").columns) == [
         "slide", "x", "y", "x_level0", "y_level0", "patch_prob", "prob"]
     assert (tmp_path / "slide" / "slide_heatmap.png").is_file() and (tmp_path / "slide" / "slide.geojson").is_file()
+
+
+def test_overlapping_tiles_get_the_context_of_the_same_tissue(
+        tiny_data_dir: Path, tmp_path: Path, trained_checkpoint: Path, patient: Path) -> None:
+    slide, _ = slide_from_patches(patient)
+    cv2.imwrite(str(tmp_path / "slide.png"), cv2.cvtColor(slide, cv2.COLOR_RGB2BGR))
+    run_predict(tiny_data_dir, tmp_path / "run", trained_checkpoint, tmp_path / "slide.png", "predict.stride=25",
+                "predict.min_tissue=0.02")
+    tiles = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    sigma = read_checkpoint(trained_checkpoint).hyper_parameters["context_sigma"]
+    # Sigma counts 50-px tiles: on the stride-25 grid it spans twice as many cells as on the Kaggle grid.
+    expected = smooth_on_grid(tiles["x"].to_numpy(), tiles["y"].to_numpy(), tiles["patch_prob"].to_numpy(), sigma,
+                              tile=50, step=25)
+    assert tiles["prob"].to_numpy() == pytest.approx(expected, abs=1e-5)
+    assert not np.allclose(tiles["prob"], tiles["patch_prob"])
 
 
 def tiles_of(path: Path, stride: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
