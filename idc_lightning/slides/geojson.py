@@ -19,7 +19,9 @@ from shapely.geometry.base import BaseGeometry
 from idc_lightning.evaluation.operating_point import is_idc
 
 IDC_CLASS = {"name": "IDC", "color": [220, 40, 40]}
+# In spatial context (what the operating point applies to), and the tile alone.
 PROB_MEASUREMENT = "IDC probability"
+PATCH_PROB_MEASUREMENT = "Tile IDC probability"
 OBJECT_TYPES = ("detection", "annotation")
 
 
@@ -43,10 +45,14 @@ def _feature(geometry: BaseGeometry, properties: dict[str, object]) -> dict[str,
             "properties": properties}
 
 
-def feature_collection(cells: np.ndarray, probs: np.ndarray, threshold: float, mpp0: float) -> dict[str, object]:
-    """Detections first (one per tile), then the IDC annotations with their area in mm2."""
-    detections = [_feature(cell, {"objectType": "detection", "measurements": {PROB_MEASUREMENT: round(float(p), 5)}})
-                  for cell, p in zip(cells, probs, strict=True)]
+def feature_collection(cells: np.ndarray, probs: np.ndarray, patch_probs: np.ndarray, threshold: float,
+                       mpp0: float) -> dict[str, object]:
+    """Detections first (one per tile, with its probability in context and alone), then the IDC annotations (at
+    `threshold` on `probs`) with their area in mm2."""
+    detections = [_feature(cell, {"objectType": "detection",
+                                  "measurements": {PROB_MEASUREMENT: round(float(p), 5),
+                                                   PATCH_PROB_MEASUREMENT: round(float(alone), 5)}})
+                  for cell, p, alone in zip(cells, probs, patch_probs, strict=True)]
     annotations = [_feature(region, {"objectType": "annotation", "name": "IDC", "classification": IDC_CLASS,
                                      "measurements": {"Area mm2": region.area * mpp0**2 / 1e6}})
                    for region in idc_regions(cells, is_idc(probs, threshold))]

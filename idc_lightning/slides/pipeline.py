@@ -121,7 +121,7 @@ def predict_slide(trainer: L.Trainer, model: IDCClassifier, settings: SlideSetti
     patch_probs = _predict_tiles(trainer, model, SlideTiles(path, scale, grid, settings.pad_value, stain), settings)
     probs = smooth_on_grid(grid.x, grid.y, patch_probs, model.hparams.context_sigma, grid.tile, grid.stride)
     cells = tile_cells(grid.x, grid.y, grid.tile, grid.stride, scale.level0_per_px)
-    collection = feature_collection(cells, probs, settings.threshold, scale.slide_mpp)
+    collection = feature_collection(cells, probs, patch_probs, settings.threshold, scale.slide_mpp)
     write_geojson(collection, out_dir / f"{name}.geojson")
     prob_grid, geometry = probability_grid(grid, probs, scale)
     write_grid(prob_grid, grid, scale, settings.threshold, out_dir / name)

@@ -82,11 +82,11 @@ def test_idc_regions_merge_tiles_and_keep_holes() -> None:
     probs = np.ones(9)
     probs[4] = 0.1  # the centre tile is not IDC: a hole
     cells = tile_cells(xs.ravel(), ys.ravel(), 50, 50, level0_per_px=16)
-    collection = feature_collection(cells, probs, threshold=0.5, mpp0=0.25)
+    collection = feature_collection(cells, probs, np.full(9, 0.7), threshold=0.5, mpp0=0.25)
     check_feature_collection(collection)
     features = collection["features"]
     assert [f["properties"]["objectType"] for f in features] == ["detection"] * 9 + ["annotation"]
-    assert features[0]["properties"]["measurements"] == {"IDC probability": 1.0}
+    assert features[0]["properties"]["measurements"] == {"IDC probability": 1.0, "Tile IDC probability": 0.7}
     region = shapely.geometry.shape(features[-1]["geometry"])
     assert region.geom_type == "Polygon" and len(region.interiors) == 1
     assert region.bounds == (0, 0, 2400, 2400)  # level-0 pixels: 3 tiles x 50 px x 16
