@@ -12,7 +12,7 @@ import pytest
 from conftest import compose_config
 from scanner import slide_from_patches
 
-from idc_lightning.checkpoints import read_checkpoint
+from idc_lightning.checkpoints import read_model_checkpoint
 from idc_lightning.predict import predict
 from idc_lightning.preprocessing import KAGGLE_MICRONS_PER_PIXEL, PATCH_SIZE
 from idc_lightning.slides.scan_writer import write_scan
@@ -39,10 +39,10 @@ def test_real_patient_scan_matches_its_patches(real_data: Path, tiny_data_dir: P
     assert np.corrcoef(paired["prob_patch"], paired["prob_tile"])[0, 1] >= 0.95
 
 
-# The whole-slide acceptance check for a real model: IDC_REAL_CHECKPOINT=PATH (a checkpoint that never saw the
-# patient). Training one takes minutes, not test time, and the session's tiny checkpoint can only check agreement.
-# No model trainable on a CPU passes yet: the small_data fold models call 2.2-12.9 of 11.6 mm2, the best two 12%
-# under and 11% over (README, under the whole-slide overlay).
+# The whole-slide acceptance check for a real model: IDC_REAL_CHECKPOINT=PATH (a checkpoint, or a sweep folder for
+# the folds' ensemble, that never saw the patient). Training one takes minutes, not test time, and the session's
+# tiny checkpoint can only check agreement. No model trainable on a CPU passes yet: the small_data fold models call
+# 2.2-12.9 of 11.6 mm2, the best two 12% under and 11% over, their ensemble 8.6 (README, under the overlay).
 REAL_CHECKPOINT = os.environ.get("IDC_REAL_CHECKPOINT")
 # 62% IDC, the hardest test patient of real_cv's fixed test set; 11.6 mm2 annotated.
 AREA_PATIENT = "9124"
@@ -51,7 +51,7 @@ AREA_PATIENT = "9124"
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL_CHECKPOINT, reason="set IDC_REAL_CHECKPOINT to a checkpoint of the real-data recipe")
 def test_real_scan_idc_area_matches_the_annotated_area(real_data: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
-    if AREA_PATIENT in read_checkpoint(REAL_CHECKPOINT).seen_patients:
+    if AREA_PATIENT in read_model_checkpoint(REAL_CHECKPOINT).seen_patients:
         pytest.skip(f"IDC_REAL_CHECKPOINT trained or validated on patient {AREA_PATIENT}")
     slide, manifest = slide_from_patches(real_data / AREA_PATIENT)
     scan = write_scan(slide, tmp_path / f"{AREA_PATIENT}.svs")
