@@ -180,7 +180,7 @@ class EnsembleCheckpoint:
 def best_checkpoints(folder: Path) -> list[Path]:
     """The best checkpoint of each job of a sweep folder (<job>/checkpoints/epoch_*.ckpt), or of one run folder."""
     found = sorted(folder.glob("checkpoints/epoch_*.ckpt")) or sorted(folder.glob("*/checkpoints/epoch_*.ckpt"))
-    jobs = [job for job in sorted(folder.iterdir()) if (job / ".hydra").is_dir() and job != folder]
+    jobs = [job for job in sorted(folder.iterdir()) if (job / ".hydra").is_dir()]
     without = [job.name for job in jobs if not any((job / "checkpoints").glob("epoch_*.ckpt"))]
     if found and without:
         log.warning("%s: jobs %s have no best checkpoint (failed, or still running); the ensemble leaves them out",
