@@ -90,6 +90,18 @@ def test_predict_takes_a_list_of_checkpoints(tiny_data_dir: Path, sweep: Path, t
     assert predictions["patch_prob"].to_numpy() == pytest.approx(mean, abs=1e-5)
 
 
+def test_a_job_without_a_checkpoint_is_named_and_left_out(sweep: Path, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    for job in ("0", "1", "2"):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+    for job in ("0", "1"):
+        (tmp_path / job / "checkpoints").mkdir()
+        (tmp_path / job / "checkpoints" / "epoch_000.ckpt").write_bytes(members(sweep)[int(job)].read_bytes())
+    with caplog.at_level("WARNING"):
+        ensemble = read_model_checkpoint(tmp_path)
+    assert len(ensemble.members) == 2 and "jobs ['2'] have no best checkpoint" in caplog.text
+
+
 def test_unusable_ensembles_fail_with_clear_errors(sweep: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="folder without checkpoints"):
         read_model_checkpoint(tmp_path)
