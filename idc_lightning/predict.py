@@ -1,9 +1,9 @@
 """python -m idc_lightning.predict ckpt_path=PATH input=PATH: IDC probabilities and heatmaps for new data.
 
 The model, its preprocessing and its operating point come from the checkpoint (a sweep folder or a list of
-checkpoints: their ensemble). Patch folders go through the same
-IDCDataModule as training; whole slides (any format OpenSlide reads, or PNG/JPEG/TIFF) are tiled at the training
-scale by `idc_lightning.slides` and give QuPath GeoJSON, an overlay and slides.csv.
+checkpoints: their ensemble). Patch folders go through the same IDCDataModule as training; whole slides (any format
+OpenSlide reads, or PNG/JPEG/TIFF) are tiled at the training scale by `idc_lightning.slides` and give QuPath
+GeoJSON, an overlay and slides.csv.
 """
 
 from __future__ import annotations
