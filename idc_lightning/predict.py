@@ -45,10 +45,7 @@ def predict_patches(cfg: DictConfig, trainer: L.Trainer, model: IDCClassifier, s
     # The input is read as it is: nothing is generated (data.synthetic) next to a user's folder.
     datamodule = instantiate(cfg.data, root=str(root), batch_size=cfg.predict.batch_size, synthetic=None, **settings)
     probs, index = _collect(trainer.predict(model, datamodule=datamodule))
-    rows = datamodule.split_frame("predict").iloc[index]
-    predictions = rows[["patient_id", "x", "y", "label", "cache_index"]].assign(patch_prob=probs)
-    predictions = predictions.reset_index(drop=True)
-    predictions["prob"] = model.in_context(predictions)
+    predictions = model.predictions_of(datamodule.split_frame("predict").iloc[index], probs)
     # Nullable integers: 0/1 in the CSV, empty for patches whose names carry no class.
     predictions["label"] = predictions["label"].where(predictions["label"] != UNLABELLED).astype("Int64")
     return predictions, datamodule.cache.images

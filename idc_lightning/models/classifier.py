@@ -207,11 +207,13 @@ class IDCClassifier(L.LightningModule):
         return probs[first].cpu().numpy(), labels[first].cpu().numpy(), index.cpu().numpy()
 
     def _predictions_frame(self, split: str, probs: np.ndarray, index: np.ndarray) -> pd.DataFrame:
-        """The split's patches with `patch_prob` (the patch alone) and `prob` (in its slide context): `prob` is what
+        return self.predictions_of(self._patch_source().split_frame(split).iloc[index], probs)
+
+    def predictions_of(self, rows: pd.DataFrame, patch_probs: np.ndarray) -> pd.DataFrame:
+        """Manifest rows with `patch_prob` (each patch alone) and `prob` (in its slide context): `prob` is what
         every metric, the operating point, heatmaps and predictions use."""
-        frame = self._patch_source().split_frame(split).iloc[index]
         columns = ["patient_id", "x", "y", "label", "cache_index"]
-        frame = frame[columns].assign(patch_prob=probs).reset_index(drop=True)
+        frame = rows[columns].assign(patch_prob=patch_probs).reset_index(drop=True)
         frame["prob"] = self.in_context(frame)
         return frame
 
