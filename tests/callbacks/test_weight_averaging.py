@@ -1,14 +1,18 @@
-"""callbacks=[default,ema]: the averaged weights are validated, saved and tested; the model's own buffers are not
-averaged."""
+"""callbacks=[default,ema] and [default,swa]: the averaged weights are validated, saved and tested; the model's own
+buffers are not averaged."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pandas as pd
+import pytest
 import torch
+from torch.utils.data import DataLoader
 
+from idc_lightning.callbacks.weight_averaging import ModelSWA
 from idc_lightning.eval import evaluate
 from idc_lightning.train import train
 
@@ -33,3 +37,44 @@ def test_checkpoint_holds_the_average_with_the_models_own_buffers(make_cfg, tmp_
     trained = pd.read_parquet(tmp_path / "run" / "predictions.parquet").sort_values(keys)
     evaluated = pd.read_parquet(tmp_path / "eval" / "predictions.parquet").sort_values(keys)
     assert np.allclose(trained["prob"].to_numpy(), evaluated["prob"].to_numpy(), atol=1e-6)
+
+
+class _Descent(L.LightningModule):
+    """w starts at 0 and falls by exactly 1 per optimizer step (loss w, SGD lr 1): its averages are known exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.w.sum() + 0 * batch.sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.zeros(3, 1), batch_size=1)
+
+
+@pytest.mark.parametrize(("start_epoch", "expected"), [(1, (-3 - 4 - 5 - 6) / 4), (0, -3.5), (5, -6.0)])
+def test_swa_is_the_equal_mean_of_the_weights_from_its_start_epoch(start_epoch: int, expected: float) -> None:
+    # 2 epochs of 3 steps: w after each step is -1 … -6. Before start_epoch the average follows the raw weights, so
+    # it starts from the weights the last step before it left (-3), or never starts (start_epoch 5: w itself).
+    model = _Descent()
+    trainer = L.Trainer(max_epochs=2, callbacks=[ModelSWA(start_epoch=start_epoch)], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model)
+    assert float(model.w.detach()) == pytest.approx(expected)
+
+
+def test_swa_checkpoints_the_raw_weights_before_its_start_epoch(make_cfg, tmp_path: Path) -> None:
+    train(make_cfg("train", ["callbacks=[default,swa]", "callbacks.swa.start_epoch=1", "callbacks.heatmap=null",
+                             "callbacks.early_stopping=null", "callbacks.model_checkpoint.save_top_k=-1",
+                             "trainer.max_epochs=2", "trainer.limit_train_batches=3", "test=false"]))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    conv = "backbone.conv1.weight"
+    first = torch.load(next(checkpoints.glob("epoch_000*.ckpt")), weights_only=True)
+    assert torch.equal(first["state_dict"][conv], first["current_model_state"][conv])
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert not torch.equal(last["state_dict"][conv], last["current_model_state"][conv])
+    assert torch.equal(last["state_dict"]["loss_weights"], last["current_model_state"]["loss_weights"])
