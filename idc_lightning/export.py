@@ -1,7 +1,8 @@
 """python -m idc_lightning.export ckpt_path=PATH [format=onnx|torchscript]: the model for use outside Python.
 
 Writes model.onnx or model.pt (uint8 N×50×50×3 RGB patches in, P(IDC) out; see models/exportable.py), checks it
-against the PyTorch module on the same patches, and writes MODEL_CARD.md beside it.
+against the PyTorch module on the same patches, and writes MODEL_CARD.md beside it. ckpt_path may name several
+checkpoints (a sweep folder, as for eval): they export as one network giving the mean of their probabilities.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from idc_lightning.checkpoints import read_checkpoint
+from idc_lightning.checkpoints import EnsembleCheckpoint, RunCheckpoint, read_model_checkpoint
 from idc_lightning.model_card import write_model_card
 from idc_lightning.models.exportable import ExportedClassifier
 from idc_lightning.resolvers import register_resolvers
@@ -64,10 +65,25 @@ def max_difference(module: ExportedClassifier, path: Path, fmt: str, patches: np
     return float(np.abs(exported - expected).max())
 
 
+def test_results(checkpoint: RunCheckpoint | EnsembleCheckpoint, results: str | None) -> dict[str, float]:
+    """The results.json the model card reports: `results` if given, else the training run's own (an ensemble has
+    none until eval tests it)."""
+    if results is not None:
+        path = Path(results)
+        if not path.is_file():
+            raise FileNotFoundError(f"results={results}: no such file; give the results.json of the run that tested "
+                                    f"this model (train or eval), or leave results unset")
+    elif isinstance(checkpoint, EnsembleCheckpoint):
+        return {}
+    else:
+        path = checkpoint.path.resolve().parents[1] / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def export(cfg: DictConfig) -> Path:
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r}: use one of {', '.join(FORMATS)}")
-    checkpoint = read_checkpoint(cfg.ckpt_path)
+    checkpoint = read_model_checkpoint(cfg.ckpt_path)
     pre = checkpoint.preprocessing
     module = ExportedClassifier(checkpoint.model(), pre).eval()
     output_dir = Path(cfg.paths.output_dir)
@@ -88,9 +104,7 @@ def export(cfg: DictConfig) -> Path:
         log.warning("The model was trained on %s-normalised patches: normalise each patient's patches to the "
                     "reference in MODEL_CARD.md before feeding them (it needs a whole patient, not one batch)",
                     pre.stain_norm)
-    results = Path(cfg.ckpt_path).resolve().parents[1] / "results.json"
-    metrics = json.loads(results.read_text()) if results.is_file() else {}
-    write_model_card(output_dir / "MODEL_CARD.md", checkpoint, metrics)
+    write_model_card(output_dir / "MODEL_CARD.md", checkpoint, test_results(checkpoint, cfg.get("results")))
     return path
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
-from idc_lightning.checkpoints import RunCheckpoint
+from idc_lightning.checkpoints import EnsembleCheckpoint, RunCheckpoint
 
 CARD_METRICS = (
     ("test/auroc", "AUROC (patches)"),
@@ -19,6 +20,9 @@ CARD_METRICS = (
     ("test/patient_mean_f1", "mean F1 over test patients with IDC"),
     ("test/patient_mean_specificity", "mean specificity over test patients"),
 )
+
+NOT_TESTED = ("Not tested: `python -m idc_lightning.eval ckpt_path=<this checkpoint or folder>` writes the test "
+              "results to its run folder's results.json; `export results=<that file>` puts them here.")
 
 
 def _number(value: float | None) -> str:
@@ -34,15 +38,50 @@ def _context_sentence(sigma: float) -> str:
             "gives the patch-alone probability, so apply the same smoothing before the threshold.")
 
 
-def model_card(checkpoint: RunCheckpoint, metrics: dict[str, float]) -> str:
-    """The card's Markdown; `metrics` are the run's results.json (empty when the checkpoint was never tested)."""
+def _members(checkpoint: RunCheckpoint | EnsembleCheckpoint) -> tuple[RunCheckpoint, ...]:
+    return checkpoint.members if isinstance(checkpoint, EnsembleCheckpoint) else (checkpoint,)
+
+
+def _source_sentence(checkpoint: RunCheckpoint | EnsembleCheckpoint) -> str:
+    versions = ", ".join(sorted({member.package_version for member in _members(checkpoint)}))
+    if not isinstance(checkpoint, EnsembleCheckpoint):
+        return f"Checkpoint `{checkpoint.path.name}`, written by idc_lightning {versions}."
+    paths = ", ".join(f"`{os.path.relpath(member.path, checkpoint.path)}`" for member in checkpoint.members)
+    return (f"The mean probability of {len(checkpoint.members)} checkpoints under `{checkpoint.path.name}` (a fold "
+            f"ensemble: {paths}), written by idc_lightning {versions}.")
+
+
+def _split_sentence(checkpoint: RunCheckpoint | EnsembleCheckpoint, counts: dict[str, int]) -> str:
+    fingerprints = ", ".join(f"`{f}`" for f in dict.fromkeys(m.manifest_fingerprint for m in _members(checkpoint)))
+    fingerprint = f"Manifest fingerprint of the training and validation patches: {fingerprints}."
+    if not isinstance(checkpoint, EnsembleCheckpoint):
+        return (f"Patients split by patient (never by patch): {counts['train']} train, {counts['val']} validation "
+                f"(checkpoint and operating point chosen there), {counts['test']} test. {fingerprint}")
+    return (f"Patients split by patient (never by patch). Each of the {len(checkpoint.members)} models trained on "
+            f"some of {len(checkpoint.seen_patients)} patients and chose its checkpoint and operating point on "
+            f"others (the lists below are their unions); {counts['test']} test patients none of them saw. "
+            f"{fingerprint}")
+
+
+def _calibration_sentence(checkpoint: RunCheckpoint | EnsembleCheckpoint) -> str:
+    temperatures = [float(m.state["temperature"]) for m in _members(checkpoint) if "temperature" in m.state]
+    method = checkpoint.hyper_parameters.get("calibrate")
+    if not method or not temperatures:
+        return f"Calibration: {method or 'none'}."
+    fitted = ", ".join(f"{t:.3f}" for t in temperatures)
+    per_model = ", one per model" if len(temperatures) > 1 else ""
+    return f"Calibration: {method} (temperature {fitted} fitted on validation{per_model})."
+
+
+def model_card(checkpoint: RunCheckpoint | EnsembleCheckpoint, metrics: dict[str, float]) -> str:
+    """The card's Markdown; `metrics` are the run's results.json (empty when the model was never tested)."""
     pre, point, patients = checkpoint.preprocessing, checkpoint.operating_point, checkpoint.patients
     hparams = checkpoint.hyper_parameters
     counts = {name: len(patients.get(name, [])) for name in ("train", "val", "test")}
     lines = [
         "# Model card: IDC patch classifier (ResNet-18)",
         "",
-        f"Checkpoint `{checkpoint.path.name}`, written by idc_lightning {checkpoint.package_version}.",
+        _source_sentence(checkpoint),
         "",
         "## Intended use",
         "",
@@ -52,9 +91,7 @@ def model_card(checkpoint: RunCheckpoint, metrics: dict[str, float]) -> str:
         "",
         "## Data and split",
         "",
-        f"Patients split by patient (never by patch): {counts['train']} train, {counts['val']} validation (checkpoint "
-        f"and operating point chosen there), {counts['test']} test. Manifest fingerprint of the training and "
-        f"validation patches: `{checkpoint.manifest_fingerprint}`.",
+        _split_sentence(checkpoint, counts),
         "",
         *(f"- {name}: {', '.join(patients.get(name, [])) or 'none'}" for name in ("train", "val", "test")),
         "",
@@ -73,9 +110,7 @@ def model_card(checkpoint: RunCheckpoint, metrics: dict[str, float]) -> str:
         "## Operating point and calibration",
         "",
         f"A patch is called IDC when {point.rule}, threshold {point.threshold:.4f}, chosen by {point.method} on the "
-        f"{point.chosen_on} patients. Calibration: {hparams.get('calibrate') or 'none'}"
-        + (f" (temperature {float(checkpoint.state['temperature']):.3f} fitted on validation)"
-           if "temperature" in checkpoint.state else "") + ".",
+        f"{point.chosen_on} patients. {_calibration_sentence(checkpoint)}",
         "",
         _context_sentence(hparams.get("context_sigma", 0.0)),
         "",
@@ -85,6 +120,7 @@ def model_card(checkpoint: RunCheckpoint, metrics: dict[str, float]) -> str:
         "|---|---:|",
         *(f"| {label} | {_number(metrics.get(key))} |" for key, label in CARD_METRICS),
         "",
+        *([] if metrics else [NOT_TESTED, ""]),
         "## Limits",
         "",
         "- Patch labels come from coarse pathologist outlines: tumour borders are partly mislabelled, which caps "
@@ -98,6 +134,6 @@ def model_card(checkpoint: RunCheckpoint, metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(path: Path, checkpoint: RunCheckpoint, metrics: dict[str, float]) -> Path:
+def write_model_card(path: Path, checkpoint: RunCheckpoint | EnsembleCheckpoint, metrics: dict[str, float]) -> Path:
     path.write_text(model_card(checkpoint, metrics))
     return path

@@ -1,4 +1,4 @@
-"""Fold ensembles: eval and predict take a sweep folder or a list of checkpoints and average the models."""
+"""Fold ensembles: eval, predict and export take a sweep folder or a list of checkpoints and average the models."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from idc_lightning.checkpoints import CheckpointError, EnsembleCheckpoint, read_
 from idc_lightning.eval import evaluate
 from idc_lightning.evaluation.metrics import ranking_metrics
 from idc_lightning.evaluation.spatial_context import smooth_patient_probabilities
+from idc_lightning.export import export, run_onnx
+from idc_lightning.model_card import NOT_TESTED
 from idc_lightning.models.ensemble import FoldEnsemble
+from idc_lightning.models.exportable import ExportedClassifier
 from idc_lightning.predict import predict
 from idc_lightning.train import train
 
@@ -125,3 +128,30 @@ def test_unusable_ensembles_fail_with_clear_errors(sweep: Path, tmp_path: Path) 
         read_model_checkpoint([str(members(sweep)[0]), str(tmp_path / "other_padding.ckpt")])
     with pytest.raises(TypeError, match="for eval and predict"):
         read_model_checkpoint(sweep).model().configure_optimizers()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_sweep_exports_as_one_network_giving_the_mean(fmt: str, make_cfg, sweep: Path, tmp_path: Path) -> None:
+    path = export(make_cfg("export", [f"ckpt_path={sweep}", f"format={fmt}"], output_dir=tmp_path / "export"))
+    patches = np.random.default_rng(0).integers(0, 256, size=(5, 50, 50, 3), dtype=np.uint8)
+    with torch.no_grad():
+        alone = [ExportedClassifier(read_checkpoint(p).model(), read_checkpoint(p).preprocessing).eval()
+                 for p in members(sweep)]
+        expected = torch.stack([module(torch.from_numpy(patches)) for module in alone]).mean(0).numpy()
+        exported = (run_onnx(path, patches) if fmt == "onnx"
+                    else torch.jit.load(str(path))(torch.from_numpy(patches)).numpy())
+    assert np.abs(exported - expected).max() <= 1e-4
+    card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    assert f"The mean probability of {FOLDS} checkpoints" in card and "0/checkpoints/epoch_" in card
+    assert NOT_TESTED in card
+
+
+def test_the_ensemble_card_reports_the_eval_results_it_is_given(make_cfg, sweep: Path, tmp_path: Path) -> None:
+    metrics = evaluate(make_cfg("eval", [f"ckpt_path={sweep}"], output_dir=tmp_path / "ensemble"))
+    export(make_cfg("export", [f"ckpt_path={sweep}", f"results={tmp_path / 'ensemble' / 'results.json'}",
+                               "format=torchscript"], output_dir=tmp_path / "export"))
+    card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    assert f"| AUROC (patches) | {metrics['test/auroc']:.3f} |" in card and NOT_TESTED not in card
+    with pytest.raises(FileNotFoundError, match="results=.*no such file"):
+        export(make_cfg("export", [f"ckpt_path={sweep}", f"results={tmp_path / 'missing.json'}"],
+                        output_dir=tmp_path / "again"))
