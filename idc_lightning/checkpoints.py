@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from idc_lightning import __version__
+from idc_lightning.callbacks.sweep_summary import ENSEMBLE_DIR
 from idc_lightning.data.datamodule import IDCDataModule
 from idc_lightning.evaluation.operating_point import OperatingPoint
 from idc_lightning.models.classifier import RUN_KEY, IDCClassifier
@@ -180,7 +181,7 @@ class EnsembleCheckpoint:
 def best_checkpoints(folder: Path) -> list[Path]:
     """The best checkpoint of each job of a sweep folder (<job>/checkpoints/epoch_*.ckpt), or of one run folder."""
     found = sorted(folder.glob("checkpoints/epoch_*.ckpt")) or sorted(folder.glob("*/checkpoints/epoch_*.ckpt"))
-    jobs = [job for job in sorted(folder.iterdir()) if (job / ".hydra").is_dir()]
+    jobs = [job for job in sorted(folder.iterdir()) if (job / ".hydra").is_dir() and job.name != ENSEMBLE_DIR]
     without = [job.name for job in jobs if not any((job / "checkpoints").glob("epoch_*.ckpt"))]
     if found and without:
         log.warning("%s: jobs %s have no best checkpoint (failed, or still running); the ensemble leaves them out",

@@ -19,6 +19,7 @@ from conftest import REPO, TINY, compose_config
 from omegaconf import OmegaConf
 from torchvision.models import resnet18
 
+from idc_lightning.callbacks.fold_ensemble import forwarded_overrides
 from idc_lightning.callbacks.sweep_summary import (
     collect_jobs,
     error_headline,
@@ -263,13 +264,34 @@ def test_slurm_launcher_composes_one_task_per_gpu(tiny_data_dir: Path, tmp_path:
 
 
 @pytest.mark.slow
-def test_real_cv_experiment_is_one_multirun_over_the_folds(tiny_data_dir: Path, tmp_path: Path) -> None:
-    """+experiment=real_cv needs no -m: one job per fold of data.num_folds, one common test set, one summary."""
-    cli("idc_lightning.train", tiny_data_dir, "+experiment=real_cv", "data.num_folds=2", "+trainer.fast_dev_run=true",
-        f"hydra.sweep.dir={tmp_path / 'cv'}")
-    splits = [pd.read_csv(tmp_path / "cv" / job / "splits.csv", dtype=str) for job in ("0", "1")]
+def test_real_cv_experiment_is_one_multirun_over_the_folds(tiny_data_dir: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """+experiment=real_cv needs no -m: one job per fold of data.num_folds, one common test set, one summary, then
+    the folds tested as one model."""
+    sweep = tmp_path / "cv"
+    cli("idc_lightning.train", tiny_data_dir, "+experiment=real_cv", "data.num_folds=2", *FAST,
+        "trainer.limit_val_batches=2", "callbacks.heatmap=null", f"hydra.sweep.dir={sweep}")
+    splits = [pd.read_csv(sweep / job / "splits.csv", dtype=str) for job in ("0", "1")]
     tests = [set(split.patient_id[split.split == "test"]) for split in splits]
     vals = [set(split.patient_id[split.split == "val"]) for split in splits]
     assert tests[0] == tests[1] and not vals[0] & vals[1]
-    summary = (tmp_path / "cv" / "summary.md").read_text()
+    summary = (sweep / "summary.md").read_text()
     assert "2 jobs: 2 completed" in summary and "test/f1@val_thr" in summary
+    # The ensemble run is the documented eval of the sweep folder, with the sweep's cache forwarded.
+    ensemble = json.loads((sweep / "ensemble" / "results.json").read_text())
+    with caplog.at_level("WARNING"):
+        alone = evaluate(compose_config("eval", tmp_path / "eval", tiny_data_dir, [f"ckpt_path={sweep}"]))
+    assert ensemble["test/auroc"] == pytest.approx(alone["test/auroc"], abs=1e-6)
+    assert "no best checkpoint" not in caplog.text  # ensemble/ is the sweep's eval run, not a failed job
+    assert "## The folds as one model" in summary and f"| {ensemble['test/auroc']:.4f} |" in summary
+    assert forwarded_overrides(["data.fold=range(2)", "trainer.accelerator=cpu", "paths.cache_dir=/c", "data=x",
+                                "trainer.devices=1,2", "data.num_workers=0"]) == [
+        "trainer.accelerator=cpu", "paths.cache_dir=/c", "data.num_workers=0"]
+
+
+@pytest.mark.slow
+def test_a_sweep_of_settings_is_not_averaged_into_one_model(tiny_data_dir: Path, tmp_path: Path) -> None:
+    done = cli("idc_lightning.train", tiny_data_dir, "+experiment=real_cv", "data.num_folds=2",
+               "+trainer.fast_dev_run=true", "model.optimizer.lr=1e-3,2e-3", f"hydra.sweep.dir={tmp_path / 'cv'}")
+    assert "the sweep varies model.optimizer.lr besides the fold" in done.stderr + done.stdout
+    assert not (tmp_path / "cv" / "ensemble").exists()

@@ -31,6 +31,8 @@ SUMMARY_METRICS = ("test/auroc", "test/auprc", "test/f1@val_thr", "test/bal_acc@
 # Folds of one setting are replicates: their spread is what mean ± std reports.
 REPLICATE_KEYS = ("data.fold",)
 ERROR_FILE = "error.txt"
+# The run folder, inside the sweep folder, of the jobs tested as one model (callbacks/fold_ensemble.py).
+ENSEMBLE_DIR = "ensemble"
 ERROR_LINES = 15
 
 
@@ -90,9 +92,10 @@ def read_job(job_dir: Path, task_name: str = "train") -> dict[str, Any]:
 
 
 def collect_jobs(sweep_dir: Path, task_name: str = "train") -> pd.DataFrame:
-    """Every job folder of a sweep, in job order; columns job, overrides…, metrics…, status, error, run_dir."""
-    job_dirs = sorted((p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/overrides.yaml")),
-                      key=lambda p: _job_sort_key(p.name))
+    """Every job folder of a sweep, in job order (the ensemble's eval run is not a job); columns job, overrides…,
+    metrics…, status, error, run_dir."""
+    job_dirs = sorted((p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/overrides.yaml")
+                       if p.parent.parent.name != ENSEMBLE_DIR), key=lambda p: _job_sort_key(p.name))
     return summary_frame([read_job(job_dir, task_name) for job_dir in job_dirs])
 
 
@@ -112,6 +115,12 @@ def override_columns(frame: pd.DataFrame) -> list[str]:
             and not c.startswith(("val/", "test/"))]
 
 
+def varying_settings(frame: pd.DataFrame, replicate_keys: Sequence[str] = REPLICATE_KEYS) -> list[str]:
+    """The overrides, other than the replicate keys, that differ between jobs (failed ones included)."""
+    keys = [c for c in override_columns(frame) if c not in replicate_keys]
+    return [c for c in keys if frame[c].astype(str).nunique(dropna=False) > 1]
+
+
 def group_metrics(frame: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
                   replicate_keys: Sequence[str] = REPLICATE_KEYS) -> pd.DataFrame:
     """Completed jobs grouped by every override except the replicate keys (folds): n, mean and std per metric.
@@ -120,9 +129,8 @@ def group_metrics(frame: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
     for n=1). Best val/auroc first: choosing a setting by its test score would leak the test set.
     """
     done = frame[frame["status"] == "completed"] if "status" in frame else frame
-    keys = [c for c in override_columns(frame) if c not in replicate_keys]
     # Varying over every job, failed ones included, so the table and the failure list use the same columns.
-    varying = [c for c in keys if frame[c].astype(str).nunique(dropna=False) > 1]
+    varying = varying_settings(frame, replicate_keys)
     present = [m for m in metrics if m in done.columns]
     if done.empty:
         return pd.DataFrame(columns=[*varying, "n", *(f"{m} {s}" for m in present for s in ("mean", "std"))])
@@ -164,9 +172,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def ensemble_markdown(metrics: dict[str, Any], jobs: int) -> list[str]:
+    """The section on the sweep's jobs tested as one model (EvaluateFoldEnsemble's <sweep>/ensemble run)."""
+    present = [m for m in SUMMARY_METRICS if m in metrics and m.startswith("test/")]
+    return ["", "## The folds as one model", "",
+            f"The mean probability of the {jobs} completed jobs' best checkpoints, called at the mean of their "
+            "operating points, on the test patients none of them trained or validated on (run folder "
+            f"`{ENSEMBLE_DIR}/`; `python -m idc_lightning.eval ckpt_path=<this folder>` computes the same).", "",
+            markdown_table(present, [[format_mean_std(metrics[m], math.nan) for m in present]])]
+
+
 def summary_markdown(frame: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
-                     replicate_keys: Sequence[str] = REPLICATE_KEYS, title: str = "Sweep summary") -> str:
-    """Mean ± std per setting (n = completed jobs, e.g. folds), the overrides every job shares, and failures."""
+                     replicate_keys: Sequence[str] = REPLICATE_KEYS, title: str = "Sweep summary",
+                     ensemble: dict[str, Any] | None = None) -> str:
+    """Mean ± std per setting (n = completed jobs, e.g. folds), the overrides every job shares, failures, and the
+    jobs' ensemble when it was tested."""
     table = group_metrics(frame, metrics, replicate_keys)
     present = [m for m in metrics if f"{m} mean" in table.columns]
     keys = [c for c in table.columns if c != "n" and not c.endswith((" mean", " std"))]
@@ -186,6 +206,8 @@ def summary_markdown(frame: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRI
         errors = [[job, *(short_value(row[k]) for k in keys), error_headline(row["error"])]
                   for job, (_, row) in zip(failed["job"], failed.iterrows(), strict=True)]
         lines.append(markdown_table(["job", *keys, "error (full tail in summary.csv)"], errors))
+    if ensemble:
+        lines += ensemble_markdown(ensemble, len(frame) - len(failed))
     return "\n".join(lines) + "\n"
 
 
@@ -199,8 +221,11 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_summary(sweep_dir: Path, task_name: str = "train") -> pd.DataFrame:
     sweep_dir = Path(sweep_dir)
     frame = collect_jobs(sweep_dir, task_name)
+    ensemble_results = sweep_dir / ENSEMBLE_DIR / "results.json"
+    ensemble = json.loads(ensemble_results.read_text()) if ensemble_results.is_file() else None
     _write_atomic(sweep_dir / "summary.csv", frame.to_csv(index=False))
-    _write_atomic(sweep_dir / "summary.md", summary_markdown(frame, title=f"Sweep {sweep_dir.name}"))
+    _write_atomic(sweep_dir / "summary.md", summary_markdown(frame, title=f"Sweep {sweep_dir.name}",
+                                                             ensemble=ensemble))
     return frame
 
 
