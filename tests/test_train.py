@@ -157,6 +157,12 @@ def test_test_fraction_zero_trains_on_every_patient_but_validation(make_cfg, tmp
     with pytest.raises(SplitError, match="test_fraction=0 holds out no test patient"):
         train(make_cfg("train", [*FAST, "data.test_fraction=0"], output_dir=tmp_path / "tested"))
     assert not (tmp_path / "tested" / "checkpoints").exists()
+    # The split it saved can be reused as it is, with the same promise not to test.
+    saved = f"data.split_file={tmp_path / 'run' / 'splits.csv'}"
+    train(make_cfg("train", [*FAST, saved, "test=false", "callbacks.heatmap=null"], output_dir=tmp_path / "again"))
+    assert pd.read_csv(tmp_path / "again" / "splits.csv", dtype=str).equals(splits)
+    with pytest.raises(SplitError, match="splits.csv has no test rows"):
+        train(make_cfg("train", [*FAST, saved], output_dir=tmp_path / "tested_again"))
 
 
 def test_small_data_recipe_trains_from_random_init(make_cfg, tmp_path: Path) -> None:

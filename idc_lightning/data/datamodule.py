@@ -31,6 +31,7 @@ from idc_lightning.data.splits import (
     SplitError,
     check_split,
     read_split_file,
+    split_file_names,
     split_patients,
     split_summary,
     unseen_patients_split,
@@ -204,10 +205,14 @@ class IDCDataModule(L.LightningDataModule):
         return SPLITS if self.holds_out_test() else ("train", "val")
 
     def holds_out_test(self) -> bool:
-        """False when training with data.test_fraction=0: every patient trains or validates, none is left to test
-        (evaluation tests the patients a checkpoint never saw, whatever its training split was)."""
-        evaluating = self.seen_patients is not None
-        return evaluating or bool(self.split_file) or self.split_options["test_fraction"] > 0
+        """False when training with data.test_fraction=0, or a split file without test rows (the splits.csv such
+        a run saved): every patient trains or validates, none is left to test (evaluation tests the patients a
+        checkpoint never saw, whatever its training split was)."""
+        if self.seen_patients is not None:
+            return True
+        if self.split_file:
+            return "test" in split_file_names(self.split_file)
+        return self.split_options["test_fraction"] > 0
 
     def _split(self, rows: pd.DataFrame) -> pd.DataFrame:
         evaluating = self.seen_patients is not None
@@ -375,9 +380,11 @@ class IDCDataModule(L.LightningDataModule):
     def require_test_split(self) -> None:
         """Called before training too: a run that must test finds out now, not after its last epoch."""
         if not self.holds_out_test():
+            cause = (f"data.split_file={self.split_file} has no test rows" if self.split_file
+                     else "data.test_fraction=0 holds out no test patient")
             raise SplitError(
-                f"data.test_fraction=0 holds out no test patient under {self.root}: test the checkpoint on other "
-                "patients with `python -m idc_lightning.eval ckpt_path=... data.root=...`, or train with test=false"
+                f"{cause} under {self.root}: test the checkpoint on other patients with "
+                "`python -m idc_lightning.eval ckpt_path=... data.root=...`, or train with test=false"
             )
 
     def test_dataloader(self) -> DataLoader | ResidentBatches:

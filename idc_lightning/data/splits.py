@@ -114,6 +114,20 @@ def split_patients(
     return split.rename_axis("patient_id").reset_index()
 
 
+def _read_split_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"data.split_file={path} does not exist; give a CSV with columns patient_id,split")
+    split = pd.read_csv(path, dtype={"patient_id": str, "split": str})
+    if list(split.columns[:2]) != ["patient_id", "split"]:
+        raise SplitError(f"{path}: expected columns 'patient_id,split', found {list(split.columns)}")
+    return split
+
+
+def split_file_names(path: Path | str) -> set[str]:
+    """The splits a saved split file fills: a run with data.test_fraction=0 saves train and val only."""
+    return set(_read_split_csv(Path(path))["split"])
+
+
 def read_split_file(path: Path | str, manifest: pd.DataFrame, required: Sequence[str] = SPLITS) -> pd.DataFrame:
     """Reuse a saved split (e.g. a paper's); patients on disk but not in the file are left out, loudly.
 
@@ -121,11 +135,7 @@ def read_split_file(path: Path | str, manifest: pd.DataFrame, required: Sequence
     evaluation. A patient listed twice is an error, never resolved by row order: its patches would leak.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.split_file={path} does not exist; give a CSV with columns patient_id,split")
-    split = pd.read_csv(path, dtype={"patient_id": str, "split": str})
-    if list(split.columns[:2]) != ["patient_id", "split"]:
-        raise SplitError(f"{path}: expected columns 'patient_id,split', found {list(split.columns)}")
+    split = _read_split_csv(path)
     unknown = sorted(set(split["split"]) - set(SPLITS))
     if unknown:
         raise SplitError(f"{path}: unknown split names {unknown}; use {list(SPLITS)}")
