@@ -13,11 +13,15 @@ later stage uses the checkpoint's `state_dict`, the average, as eval and predict
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch.optim.swa_utils import get_swa_avg_fn
+
+log = logging.getLogger(__name__)
 
 
 class _AveragedLayersOnly(WeightAveraging):
@@ -63,22 +67,31 @@ class ModelEMA(_AveragedLayersOnly, EMAWeightAveraging):
 
 class ModelSWA(_AveragedLayersOnly):
     """Stochastic weight averaging (Izmailov et al., 2018): the equal-weight mean of the weights after every optimizer
-    step from epoch `start_epoch` (0-based) on.
+    step of epoch `start_epoch` (0-based) and later.
 
     Until then the average follows the raw weights step by step, so the first epochs validate and checkpoint what
     training without the callback would. BatchNorm statistics are averaged with the weights rather than re-estimated
-    after training: docs/results.md measured re-estimation on un-augmented patches, and it lost on validation.
+    after training: re-estimating them on un-augmented patches did not help on validation (docs/results.md).
     """
 
     def __init__(self, start_epoch: int = 2, device: str | None = None, use_buffers: bool = True) -> None:
         if start_epoch < 0:
             raise ValueError(f"callbacks.swa.start_epoch={start_epoch}: use 0 or more (epochs count from 0)")
-        super().__init__(device=device, use_buffers=use_buffers)
+        # PyTorch's default average divides integer buffers (BatchNorm's num_batches_tracked) with a foreach kernel
+        # that CUDA refuses; the per-tensor SWA function handles them.
+        super().__init__(device=device, use_buffers=use_buffers, avg_fn=get_swa_avg_fn())
         self.start_epoch = start_epoch
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch:
+            log.warning("callbacks.swa.start_epoch=%d but training ends after epoch %d (counted from 0): nothing is "
+                        "averaged", self.start_epoch, trainer.max_epochs - 1)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: STEP_OUTPUT,
                            batch: Any, batch_idx: int) -> None:
-        if trainer.current_epoch < self.start_epoch and self._average_model is not None:
+        starting = trainer.current_epoch == self.start_epoch and batch_idx == 0
+        if self._average_model is not None and (trainer.current_epoch < self.start_epoch or starting):
             # An average of nothing yet: the next update copies the raw weights instead of adding them to a mean.
             self._average_model.n_averaged.zero_()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch.optim import swa_utils
 from torch.utils.data import DataLoader
 
 from idc_lightning.callbacks.weight_averaging import ModelSWA
@@ -56,10 +57,10 @@ class _Descent(L.LightningModule):
         return DataLoader(torch.zeros(3, 1), batch_size=1)
 
 
-@pytest.mark.parametrize(("start_epoch", "expected"), [(1, (-3 - 4 - 5 - 6) / 4), (0, -3.5), (5, -6.0)])
+@pytest.mark.parametrize(("start_epoch", "expected"), [(1, (-4 - 5 - 6) / 3), (0, -3.5), (5, -6.0)])
 def test_swa_is_the_equal_mean_of_the_weights_from_its_start_epoch(start_epoch: int, expected: float) -> None:
-    # 2 epochs of 3 steps: w after each step is -1 … -6. Before start_epoch the average follows the raw weights, so
-    # it starts from the weights the last step before it left (-3), or never starts (start_epoch 5: w itself).
+    # 2 epochs of 3 steps: w after each step is -1 … -6. Before start_epoch the average follows the raw weights; it
+    # never starts with start_epoch 5 (w itself).
     model = _Descent()
     trainer = L.Trainer(max_epochs=2, callbacks=[ModelSWA(start_epoch=start_epoch)], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -78,3 +79,20 @@ def test_swa_checkpoints_the_raw_weights_before_its_start_epoch(make_cfg, tmp_pa
     last = torch.load(checkpoints / "last.ckpt", weights_only=True)
     assert not torch.equal(last["state_dict"][conv], last["current_model_state"][conv])
     assert torch.equal(last["state_dict"]["loss_weights"], last["current_model_state"]["loss_weights"])
+
+
+def test_swa_averages_batchnorm_counters_on_the_cuda_code_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # PyTorch averages with foreach kernels on CUDA devices, whose integer division fails on num_batches_tracked;
+    # declaring the CPU such a device runs that path here.
+    monkeypatch.setattr(swa_utils, "_get_foreach_kernels_supported_devices", lambda: ["cpu", "cuda"])
+    swa = ModelSWA(start_epoch=0)
+    network = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    swa._average_model = swa_utils.AveragedModel(network, use_buffers=True, **swa._kwargs)
+    running_means = []
+    for _ in range(3):
+        network(torch.randn(4, 2))
+        running_means.append(network[1].running_mean.clone())
+        swa._average_model.update_parameters(network)
+    averaged = swa._average_model.module[1]
+    assert torch.allclose(averaged.running_mean, torch.stack(running_means).mean(0))
+    assert averaged.num_batches_tracked.dtype == torch.long
