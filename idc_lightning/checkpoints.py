@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from idc_lightning import __version__
-from idc_lightning.callbacks.sweep_summary import ENSEMBLE_DIR
+from idc_lightning.callbacks.sweep_summary import job_folders
 from idc_lightning.data.datamodule import IDCDataModule
 from idc_lightning.evaluation.operating_point import OperatingPoint
 from idc_lightning.models.classifier import RUN_KEY, IDCClassifier
@@ -181,8 +181,7 @@ class EnsembleCheckpoint:
 def best_checkpoints(folder: Path) -> list[Path]:
     """The best checkpoint of each job of a sweep folder (<job>/checkpoints/epoch_*.ckpt), or of one run folder."""
     found = sorted(folder.glob("checkpoints/epoch_*.ckpt")) or sorted(folder.glob("*/checkpoints/epoch_*.ckpt"))
-    jobs = [job for job in sorted(folder.iterdir()) if (job / ".hydra").is_dir() and job.name != ENSEMBLE_DIR]
-    without = [job.name for job in jobs if not any((job / "checkpoints").glob("epoch_*.ckpt"))]
+    without = [job.name for job in job_folders(folder) if not any((job / "checkpoints").glob("epoch_*.ckpt"))]
     if found and without:
         log.warning("%s: jobs %s have no best checkpoint (failed, or still running); the ensemble leaves them out",
                     folder, without)
@@ -201,8 +200,8 @@ def best_checkpoints(folder: Path) -> list[Path]:
 
 
 def read_model_checkpoint(ckpt_path: str | Path | Sequence[str | Path]) -> RunCheckpoint | EnsembleCheckpoint:
-    """`ckpt_path` of eval and predict: a .ckpt file; a run or sweep folder (the best checkpoint of every job); or
-    a list of .ckpt files. More than one checkpoint makes a FoldEnsemble."""
+    """`ckpt_path` of eval, predict and export: a .ckpt file; a run or sweep folder (the best checkpoint of every
+    job); or a list of .ckpt files. More than one checkpoint makes a FoldEnsemble."""
     if isinstance(ckpt_path, str | Path):
         path = Path(ckpt_path)
         if not path.is_dir():

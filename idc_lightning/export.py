@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from idc_lightning.callbacks.sweep_summary import ensemble_results
 from idc_lightning.checkpoints import EnsembleCheckpoint, RunCheckpoint, read_model_checkpoint
 from idc_lightning.model_card import write_model_card
 from idc_lightning.models.exportable import ExportedClassifier
@@ -65,16 +67,18 @@ def max_difference(module: ExportedClassifier, path: Path, fmt: str, patches: np
     return float(np.abs(exported - expected).max())
 
 
-def test_results(checkpoint: RunCheckpoint | EnsembleCheckpoint, results: str | None) -> dict[str, float]:
-    """The results.json the model card reports: `results` if given, else the training run's own (an ensemble has
-    none until eval tests it)."""
+def card_metrics(ckpt_path: Any, checkpoint: RunCheckpoint | EnsembleCheckpoint,
+                 results: str | None) -> dict[str, float]:
+    """The test results the model card reports: the `results` file if given; else the training run's own, or for a
+    sweep folder the ensemble evaluation its +experiment=real_cv ended with (none for a hand-made list)."""
     if results is not None:
         path = Path(results)
         if not path.is_file():
             raise FileNotFoundError(f"results={results}: no such file; give the results.json of the run that tested "
                                     f"this model (train or eval), or leave results unset")
     elif isinstance(checkpoint, EnsembleCheckpoint):
-        return {}
+        swept = isinstance(ckpt_path, str | Path) and Path(ckpt_path).is_dir()
+        return (ensemble_results(Path(ckpt_path)) or {}) if swept else {}
     else:
         path = checkpoint.path.resolve().parents[1] / "results.json"
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -104,7 +108,8 @@ def export(cfg: DictConfig) -> Path:
         log.warning("The model was trained on %s-normalised patches: normalise each patient's patches to the "
                     "reference in MODEL_CARD.md before feeding them (it needs a whole patient, not one batch)",
                     pre.stain_norm)
-    write_model_card(output_dir / "MODEL_CARD.md", checkpoint, test_results(checkpoint, cfg.get("results")))
+    metrics = card_metrics(cfg.ckpt_path, checkpoint, cfg.get("results"))
+    write_model_card(output_dir / "MODEL_CARD.md", checkpoint, metrics)
     return path
 
 

@@ -47,7 +47,7 @@ def _source_sentence(checkpoint: RunCheckpoint | EnsembleCheckpoint) -> str:
     if not isinstance(checkpoint, EnsembleCheckpoint):
         return f"Checkpoint `{checkpoint.path.name}`, written by idc_lightning {versions}."
     paths = ", ".join(f"`{os.path.relpath(member.path, checkpoint.path)}`" for member in checkpoint.members)
-    return (f"The mean probability of {len(checkpoint.members)} checkpoints under `{checkpoint.path.name}` (a fold "
+    return (f"The mean probability of {len(checkpoint.members)} checkpoints under `{checkpoint.path.name}` (an "
             f"ensemble: {paths}), written by idc_lightning {versions}.")
 
 

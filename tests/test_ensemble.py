@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,9 @@ def test_predict_takes_a_list_of_checkpoints(tiny_data_dir: Path, sweep: Path, t
 
 def test_a_job_without_a_checkpoint_is_named_and_left_out(sweep: Path, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    for job in ("0", "1", "2"):
+    for job in ("0", "1", "2"):  # job folders as Hydra writes them
         (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- data.fold={job}\n")
     for job in ("0", "1"):
         (tmp_path / job / "checkpoints").mkdir()
         (tmp_path / job / "checkpoints" / "epoch_000.ckpt").write_bytes(members(sweep)[int(job)].read_bytes())
@@ -143,15 +145,20 @@ def test_a_sweep_exports_as_one_network_giving_the_mean(fmt: str, make_cfg, swee
     assert np.abs(exported - expected).max() <= 1e-4
     card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
     assert f"The mean probability of {FOLDS} checkpoints" in card and "0/checkpoints/epoch_" in card
-    assert NOT_TESTED in card
+    assert NOT_TESTED in card and "Calibration: none." in card
 
 
-def test_the_ensemble_card_reports_the_eval_results_it_is_given(make_cfg, sweep: Path, tmp_path: Path) -> None:
-    metrics = evaluate(make_cfg("eval", [f"ckpt_path={sweep}"], output_dir=tmp_path / "ensemble"))
-    export(make_cfg("export", [f"ckpt_path={sweep}", f"results={tmp_path / 'ensemble' / 'results.json'}",
-                               "format=torchscript"], output_dir=tmp_path / "export"))
+def test_the_ensemble_card_reports_the_sweeps_ensemble_results(make_cfg, sweep: Path, tmp_path: Path) -> None:
+    # As +experiment=real_cv leaves it: the folds' eval run in <sweep>/ensemble.
+    tested = shutil.copytree(sweep, tmp_path / "sweep")
+    metrics = evaluate(make_cfg("eval", [f"ckpt_path={tested}"], output_dir=tested / "ensemble"))
+    export(make_cfg("export", [f"ckpt_path={tested}", "format=torchscript"], output_dir=tmp_path / "export"))
     card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
     assert f"| AUROC (patches) | {metrics['test/auroc']:.3f} |" in card and NOT_TESTED not in card
+    # The same results given by hand, for a list of checkpoints.
+    listed = f"ckpt_path=[{','.join(str(p) for p in members(tested))}]"
+    export(make_cfg("export", [listed, f"results={tested / 'ensemble' / 'results.json'}", "format=torchscript"],
+                    output_dir=tmp_path / "listed"))
+    assert f"| AUROC (patches) | {metrics['test/auroc']:.3f} |" in (tmp_path / "listed" / "MODEL_CARD.md").read_text()
     with pytest.raises(FileNotFoundError, match="results=.*no such file"):
-        export(make_cfg("export", [f"ckpt_path={sweep}", f"results={tmp_path / 'missing.json'}"],
-                        output_dir=tmp_path / "again"))
+        export(make_cfg("export", [listed, f"results={tmp_path / 'missing.json'}"], output_dir=tmp_path / "again"))

@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 import torch
 from conftest import REPO, TINY, compose_config
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from torchvision.models import resnet18
 
-from idc_lightning.callbacks.fold_ensemble import forwarded_overrides
+from idc_lightning.callbacks.fold_ensemble_eval import forwarded_overrides, quoted, why_not_averaged
 from idc_lightning.callbacks.sweep_summary import (
     collect_jobs,
     error_headline,
@@ -91,6 +92,27 @@ def test_summary_markdown_shows_mean_std_shared_overrides_and_failures() -> None
     assert "`data=synthetic`" in text and "3 jobs: 2 completed, 1 failed" in text
     assert "| 2 | 3e-4 | ValueError: dropout must be in [0, 1] |" in text
     assert error_headline(error) == "ValueError: dropout must be in [0, 1]"
+
+
+def test_the_fold_ensemble_eval_gets_the_sweeps_hardware_and_paths_but_no_sweep() -> None:
+    overrides = ["data.fold=range(2)", "trainer=ddp", "trainer.num_nodes=2", "+trainer.precision=16-mixed",
+                 "paths.cache_dir=/c", "paths.output_dir=/elsewhere", "data=x", "trainer.devices=1,2",
+                 "data.num_workers=0", "data.batch_size=64", "model.optimizer.lr=1e-3"]
+    assert forwarded_overrides(overrides) == ["trainer=ddp", "trainer.num_nodes=2", "+trainer.precision=16-mixed",
+                                              "paths.cache_dir=/c", "data.num_workers=0", "data.batch_size=64"]
+    awkward = "/runs/it's, [odd] = yes"
+    parsed = OverridesParser.create().parse_overrides([f"ckpt_path={quoted(awkward)}"])[0]
+    assert parsed.value() == awkward
+
+
+def test_only_the_completed_folds_of_one_setting_are_averaged() -> None:
+    folds = summary_frame([_row(0, "1e-3", 0, 0.8), _row(1, "1e-3", 1, 0.9)])
+    assert why_not_averaged(folds) is None
+    assert "varies model.optimizer.lr" in why_not_averaged(
+        summary_frame([_row(0, "1e-3", 0, 0.8), _row(1, "2e-3", 1, 0.9)]))
+    assert "jobs ['1'] did not complete" in why_not_averaged(
+        summary_frame([_row(0, "1e-3", 0, 0.8), _row(1, "1e-3", 1, None, "boom")]))
+    assert "an ensemble needs 2" in why_not_averaged(folds.iloc[:1])
 
 
 def test_collect_jobs_reads_results_and_explains_missing_ones(tmp_path: Path) -> None:
@@ -284,9 +306,6 @@ def test_real_cv_experiment_is_one_multirun_over_the_folds(tiny_data_dir: Path, 
     assert ensemble["test/auroc"] == pytest.approx(alone["test/auroc"], abs=1e-6)
     assert "no best checkpoint" not in caplog.text  # ensemble/ is the sweep's eval run, not a failed job
     assert "## The folds as one model" in summary and f"| {ensemble['test/auroc']:.4f} |" in summary
-    assert forwarded_overrides(["data.fold=range(2)", "trainer.accelerator=cpu", "paths.cache_dir=/c", "data=x",
-                                "trainer.devices=1,2", "data.num_workers=0"]) == [
-        "trainer.accelerator=cpu", "paths.cache_dir=/c", "data.num_workers=0"]
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ SUMMARY_METRICS = ("test/auroc", "test/auprc", "test/f1@val_thr", "test/bal_acc@
 # Folds of one setting are replicates: their spread is what mean ± std reports.
 REPLICATE_KEYS = ("data.fold",)
 ERROR_FILE = "error.txt"
-# The run folder, inside the sweep folder, of the jobs tested as one model (callbacks/fold_ensemble.py).
+# The run folder, inside the sweep folder, of the jobs tested as one model (callbacks/fold_ensemble_eval.py).
 ENSEMBLE_DIR = "ensemble"
 ERROR_LINES = 15
 
@@ -91,12 +91,16 @@ def read_job(job_dir: Path, task_name: str = "train") -> dict[str, Any]:
     return row
 
 
+def job_folders(sweep_dir: Path) -> list[Path]:
+    """The job folders of a sweep (those Hydra wrote .hydra/overrides.yaml into), in job order; the folds'
+    ensemble evaluation, an eval run inside the sweep folder, is not a job."""
+    folders = (p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/overrides.yaml"))
+    return sorted((f for f in folders if f.name != ENSEMBLE_DIR), key=lambda p: _job_sort_key(p.name))
+
+
 def collect_jobs(sweep_dir: Path, task_name: str = "train") -> pd.DataFrame:
-    """Every job folder of a sweep, in job order (the ensemble's eval run is not a job); columns job, overrides…,
-    metrics…, status, error, run_dir."""
-    job_dirs = sorted((p.parent.parent for p in Path(sweep_dir).glob("*/.hydra/overrides.yaml")
-                       if p.parent.parent.name != ENSEMBLE_DIR), key=lambda p: _job_sort_key(p.name))
-    return summary_frame([read_job(job_dir, task_name) for job_dir in job_dirs])
+    """Every job of a sweep, in job order; columns job, overrides…, metrics…, status, error, run_dir."""
+    return summary_frame([read_job(job_dir, task_name) for job_dir in job_folders(sweep_dir)])
 
 
 def summary_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -172,13 +176,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def ensemble_markdown(metrics: dict[str, Any], jobs: int) -> list[str]:
+def ensemble_markdown(metrics: dict[str, Any]) -> list[str]:
     """The section on the sweep's jobs tested as one model (EvaluateFoldEnsemble's <sweep>/ensemble run)."""
     present = [m for m in SUMMARY_METRICS if m in metrics and m.startswith("test/")]
     return ["", "## The folds as one model", "",
-            f"The mean probability of the {jobs} completed jobs' best checkpoints, called at the mean of their "
-            "operating points, on the test patients none of them trained or validated on (run folder "
-            f"`{ENSEMBLE_DIR}/`; `python -m idc_lightning.eval ckpt_path=<this folder>` computes the same).", "",
+            "The mean probability of every job's best checkpoint, called at the mean of their operating points, on "
+            f"the test patients none of them trained or validated on (run folder `{ENSEMBLE_DIR}/`; "
+            "`python -m idc_lightning.eval ckpt_path=<this folder>` computes the same).", "",
             markdown_table(present, [[format_mean_std(metrics[m], math.nan) for m in present]])]
 
 
@@ -207,7 +211,7 @@ def summary_markdown(frame: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRI
                   for job, (_, row) in zip(failed["job"], failed.iterrows(), strict=True)]
         lines.append(markdown_table(["job", *keys, "error (full tail in summary.csv)"], errors))
     if ensemble:
-        lines += ensemble_markdown(ensemble, len(frame) - len(failed))
+        lines += ensemble_markdown(ensemble)
     return "\n".join(lines) + "\n"
 
 
@@ -218,11 +222,21 @@ def _write_atomic(path: Path, text: str) -> None:
     partial.replace(path)
 
 
+def ensemble_results(sweep_dir: Path) -> dict[str, Any] | None:
+    """The folds' ensemble metrics, if they were computed after every job's results (not left from a rerun)."""
+    path = Path(sweep_dir) / ENSEMBLE_DIR / "results.json"
+    if not path.is_file():
+        return None
+    jobs = [job / "results.json" for job in job_folders(sweep_dir) if (job / "results.json").is_file()]
+    if any(job.stat().st_mtime > path.stat().st_mtime for job in jobs):
+        return None
+    return json.loads(path.read_text())
+
+
 def write_summary(sweep_dir: Path, task_name: str = "train") -> pd.DataFrame:
     sweep_dir = Path(sweep_dir)
     frame = collect_jobs(sweep_dir, task_name)
-    ensemble_results = sweep_dir / ENSEMBLE_DIR / "results.json"
-    ensemble = json.loads(ensemble_results.read_text()) if ensemble_results.is_file() else None
+    ensemble = ensemble_results(sweep_dir)
     _write_atomic(sweep_dir / "summary.csv", frame.to_csv(index=False))
     _write_atomic(sweep_dir / "summary.md", summary_markdown(frame, title=f"Sweep {sweep_dir.name}",
                                                              ensemble=ensemble))

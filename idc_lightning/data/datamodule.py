@@ -381,9 +381,9 @@ class IDCDataModule(L.LightningDataModule):
         """Called before training too: a run that must test finds out now, not after its last epoch."""
         if not self.holds_out_test():
             cause = (f"data.split_file={self.split_file} has no test rows" if self.split_file
-                     else "data.test_fraction=0 holds out no test patient")
+                     else f"data.test_fraction=0 holds out no test patient under {self.root}")
             raise SplitError(
-                f"{cause} under {self.root}: test the checkpoint on other patients with "
+                f"{cause}: test the checkpoint on other patients with "
                 "`python -m idc_lightning.eval ckpt_path=... data.root=...`, or train with test=false"
             )
 
