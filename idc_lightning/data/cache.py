@@ -76,7 +76,12 @@ def cache_key(manifest: pd.DataFrame, patch_size: int, pad_value: int, stain_nor
         raise ValueError(f"the manifest has no {absent} columns: build it with build_manifest or scan_tree")
     files = manifest[["path", "label", "size", "mtime_ns", "copy_path"]]
     digest = hashlib.sha1(pd.util.hash_pandas_object(files, index=False).values.tobytes())
-    digest.update(f"{patch_size}|{pad_value}|{stain_norm}".encode())
+    stain = f"{stain_norm}"
+    if stain_norm:
+        from idc_lightning.data.stain import STAIN_ESTIMATE_VERSION  # torch-free decode workers import this module
+
+        stain += f"|v{STAIN_ESTIMATE_VERSION}"
+    digest.update(f"{patch_size}|{pad_value}|{stain}".encode())
     return digest.hexdigest()[:16]
 
 

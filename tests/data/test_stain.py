@@ -78,6 +78,17 @@ def test_estimate_stains_recovers_known_vectors() -> None:
     assert np.all(cosine > 0.99), cosine
 
 
+def test_achromatic_artefacts_are_not_taken_for_haematoxylin() -> None:
+    # 6% of the pixels grey-black, as pen ink or a fold: they absorb every colour alike.
+    patches = _synthetic_patient(REFERENCE_VECTORS)
+    rng = np.random.default_rng(2)
+    dark = rng.random(patches.shape[:3]) < 0.06
+    patches[dark] = rng.integers(20, 90, size=(int(dark.sum()), 1))
+    estimate = estimate_stains(patches)
+    assert estimate is not None
+    assert np.all(np.sum(estimate.stain_vectors * REFERENCE_VECTORS, axis=1) > 0.99)
+
+
 def test_macenko_maps_other_stains_to_the_reference() -> None:
     ruifrok_he = RGB_FROM_HED[:2]
     patches = _synthetic_patient(ruifrok_he)
