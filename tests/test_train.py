@@ -169,6 +169,7 @@ def test_small_data_recipe_trains_from_random_init(make_cfg, tmp_path: Path) -> 
     cfg = make_cfg("train", ["+experiment=small_data", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
                              "callbacks.heatmap=null"])
     assert cfg.data.augment_on == "device" and not cfg.model.pretrained and cfg.callbacks.early_stopping is None
+    assert cfg.callbacks.swa.start_epoch == 2
     train(cfg)
     state = torch.load(next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt")), weights_only=True)
     assert {key: state["datamodule_hyper_parameters"][key] for key in ("augment_on", "sampler")} == {
