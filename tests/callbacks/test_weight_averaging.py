@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.optim import swa_utils
 from torch.utils.data import DataLoader
 
@@ -66,6 +67,23 @@ def test_swa_is_the_equal_mean_of_the_weights_from_its_start_epoch(start_epoch: 
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model)
     assert float(model.w.detach()) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("start_epoch", "expected"), [(0, -3.5), (1, (-4 - 5 - 6) / 3)])
+def test_swa_resumed_after_a_stop_gives_the_uninterrupted_average(tmp_path: Path, start_epoch: int,
+                                                                   expected: float) -> None:
+    # A pre-empted job (SLURM, SIGTERM) resumes from last.ckpt: the raw weights and the running average, with its
+    # count, come back, so epoch 2 extends the mean of epoch 1 instead of starting a new one.
+    def fit(max_epochs: int, ckpt_path: Path | None) -> _Descent:
+        model = _Descent()
+        last = ModelCheckpoint(dirpath=tmp_path, filename="last", enable_version_counter=False)
+        trainer = L.Trainer(max_epochs=max_epochs, callbacks=[ModelSWA(start_epoch=start_epoch), last],
+                            logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return model
+
+    fit(1, None)
+    assert float(fit(2, tmp_path / "last.ckpt").w.detach()) == pytest.approx(expected)
 
 
 def test_swa_checkpoints_the_raw_weights_before_its_start_epoch(make_cfg, tmp_path: Path) -> None:
