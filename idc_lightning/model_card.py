@@ -73,8 +73,17 @@ def _calibration_sentence(checkpoint: RunCheckpoint | EnsembleCheckpoint) -> str
     return f"Calibration: {method} (temperature {fitted} fitted on validation{per_model})."
 
 
+def _test_results(metrics: dict[str, float], test_patients: int) -> list[str]:
+    # A run trained with test=false writes validation metrics only: its card says how to test, not a column of n/a.
+    if not any(key.startswith("test/") for key in metrics):
+        return [NOT_TESTED, ""]
+    return ["| metric | value |", "|---|---:|",
+            *(f"| {label} | {_number(metrics.get(key))} |" for key, label in CARD_METRICS), "",
+            f"From {test_patients} test patients; the figures vary from patient to patient (see patients.csv).", ""]
+
+
 def model_card(checkpoint: RunCheckpoint | EnsembleCheckpoint, metrics: dict[str, float]) -> str:
-    """The card's Markdown; `metrics` are the run's results.json (empty when the model was never tested)."""
+    """The card's Markdown; `metrics` are the run's results.json (empty or validation-only when never tested)."""
     pre, point, patients = checkpoint.preprocessing, checkpoint.operating_point, checkpoint.patients
     hparams = checkpoint.hyper_parameters
     counts = {name: len(patients.get(name, [])) for name in ("train", "val", "test")}
@@ -116,19 +125,14 @@ def model_card(checkpoint: RunCheckpoint | EnsembleCheckpoint, metrics: dict[str
         "",
         "## Test results (held-out patients)",
         "",
-        "| metric | value |",
-        "|---|---:|",
-        *(f"| {label} | {_number(metrics.get(key))} |" for key, label in CARD_METRICS),
-        "",
-        *([] if metrics else [NOT_TESTED, ""]),
+        *_test_results(metrics, counts["test"]),
         "## Limits",
         "",
         "- Patch labels come from coarse pathologist outlines: tumour borders are partly mislabelled, which caps "
         "patch-level scores.",
         "- Trained on one scanner's 40× scans at one scale: slides at another scale must be resampled to "
         f"{pre.microns_per_pixel:g} µm/px; other stains, scanners and institutions need their own validation.",
-        f"- {counts['train']} training patients; the figures above come from {counts['test']} test patients and "
-        "vary from patient to patient (see patients.csv).",
+        f"- {counts['train']} training patients.",
         "",
     ]
     return "\n".join(lines)

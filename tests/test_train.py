@@ -16,6 +16,7 @@ from idc_lightning.data.splits import SplitError
 from idc_lightning.eval import evaluate
 from idc_lightning.evaluation.metrics import ranking_metrics
 from idc_lightning.evaluation.spatial_context import smooth_patient_probabilities
+from idc_lightning.model_card import NOT_TESTED
 from idc_lightning.train import train
 
 FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3"]
@@ -153,6 +154,8 @@ def test_test_fraction_zero_trains_on_every_patient_but_validation(make_cfg, tmp
     splits = pd.read_csv(tmp_path / "run" / "splits.csv", dtype=str)
     assert set(splits.split) == {"train", "val"} and len(splits) == TINY["num_patients"]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    card = (tmp_path / "run" / "MODEL_CARD.md").read_text()
+    assert NOT_TESTED in card and "n/a" not in card
     # A run that must test fails before training, not after it.
     with pytest.raises(SplitError, match="test_fraction=0 holds out no test patient"):
         train(make_cfg("train", [*FAST, "data.test_fraction=0"], output_dir=tmp_path / "tested"))
