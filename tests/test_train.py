@@ -33,6 +33,8 @@ def test_train_fits_tests_and_writes_the_run_folder(make_cfg, tmp_path: Path) ->
                 "test/sensitivity", "test/specificity", "test/f1@val_thr", "test/patient_mean_auroc"):
         assert key in results and (results[key] is None or 0.0 <= results[key] <= 1.0), key
     assert results["test/auroc"] == pytest.approx(metrics["test/auroc"])
+    assert results["val/coverage"] == results["test/coverage"] == 1.0
+    assert "Partial test" not in (run / "MODEL_CARD.md").read_text()
     assert results["val/loss"] > 0 and "test/loss" in pd.read_csv(run / "csv" / "metrics.csv").columns
     predictions = pd.read_parquet(run / "predictions.parquet")
     splits = pd.read_csv(run / "splits.csv", dtype=str)
@@ -147,6 +149,22 @@ def test_cli_tune_lr_saves_the_finder_plot_and_prints_the_suggestion(tiny_data_d
     assert "Suggested learning rate: model.optimizer.lr=" in done.stdout
     assert (run / "lr_finder.png").is_file()
     assert not (run / "results.json").exists() and not list((run / "checkpoints").glob("epoch_*.ckpt"))
+
+
+def test_a_run_cut_short_by_limit_batches_says_its_results_are_partial(make_cfg, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    # debug=limit and fast_dev_run score a few batches of validation and test; nothing may pass that for the whole.
+    train(make_cfg("train", [*FAST, "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+                             "callbacks.heatmap=null"]))
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert len(pd.read_parquet(run / "predictions.parquet")) == 32
+    assert 0 < results["val/coverage"] < 1
+    assert results["test/coverage"] < 1
+    assert "Scored 32 of the" in caplog.text and "trainer.limit_test_batches=1" in caplog.text
+    card = (run / "MODEL_CARD.md").read_text()
+    assert f"only {results['test/coverage']:.1%} of the test patches" in card
+    assert f"on only {results['val/coverage']:.1%} of their patches" in card
 
 
 def test_test_fraction_zero_trains_on_every_patient_but_validation(make_cfg, tmp_path: Path) -> None:

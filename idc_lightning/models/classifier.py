@@ -92,6 +92,7 @@ class IDCClassifier(L.LightningModule):
         self._outputs: dict[str, list[tuple[torch.Tensor, ...]]] = {"val": [], "test": []}
         self.predictions: dict[str, pd.DataFrame] = {}
         self.test_metrics: dict[str, float] = {}
+        self._warned_partial: set[str] = set()
 
     @property
     def fixed_threshold(self) -> float:
@@ -241,6 +242,21 @@ class IDCClassifier(L.LightningModule):
                         "data.batch_size)", split, float(probs.mean()), len(probs))
         return float(spread < COLLAPSED_SPREAD)
 
+    def _coverage(self, split: str, scored: int) -> float:
+        """The fraction of the split's patches scored: below 1 when trainer.limit_{val,test}_batches (debug=limit,
+        fast_dev_run) cut the epoch short, and then everything chosen or reported from it covers those patches only."""
+        total = len(self._patch_source().split_frame(split))
+        coverage = scored / total if total else 1.0
+        if coverage < 1.0 and split not in self._warned_partial and not self.trainer.sanity_checking:
+            self._warned_partial.add(split)
+            limit = getattr(self.trainer, f"limit_{split}_batches")
+            consequence = ("the checkpoint and the operating point are chosen on them" if split == "val" else
+                           "results.json, patients.csv and the model card describe them only; python -m "
+                           "idc_lightning.eval ckpt_path=<its checkpoint> scores every test patch")
+            log.warning("Scored %d of the %d %s patches (trainer.limit_%s_batches=%s): %s; %s/coverage is %.3f",
+                        scored, total, split, split, limit, consequence, split, coverage)
+        return coverage
+
     def on_validation_epoch_end(self) -> None:
         probs, labels, index = self._gather("val")
         if len(probs) == 0:
@@ -259,7 +275,8 @@ class IDCClassifier(L.LightningModule):
         logged.update({"val/patch_auroc": patch_auroc, "val/threshold": threshold,
                        "val/ece": expected_calibration_error(probs, labels),
                        "val/temperature": float(self.temperature),
-                       "val/collapsed": self._warn_if_collapsed("val", probs)})
+                       "val/collapsed": self._warn_if_collapsed("val", probs),
+                       "val/coverage": self._coverage("val", len(probs))})
         self.log_dict(logged, sync_dist=True)
         self.predictions["val"] = predictions
 
@@ -276,6 +293,7 @@ class IDCClassifier(L.LightningModule):
         self.test_metrics["test/patch_auroc"] = patch_auroc
         self.test_metrics["test/ece"] = expected_calibration_error(probs, labels)
         self.test_metrics["test/collapsed"] = self._warn_if_collapsed("test", probs) if len(probs) else 0.0
+        self.test_metrics["test/coverage"] = self._coverage("test", len(probs))
         self.log_dict(self.test_metrics, sync_dist=True)
         self.predictions["test"] = predictions
 
