@@ -14,6 +14,7 @@ later stage uses the checkpoint's `state_dict`, the average, as eval and predict
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import lightning as L
@@ -33,6 +34,13 @@ class _AveragedLayersOnly(WeightAveraging):
         averaged = self._average_model.module
         for name, buffer in pl_module.named_buffers(recurse=False):
             getattr(averaged, name).copy_(buffer)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning warns about sharding whenever configure_model is overridden; the classifier's only sets the
+        # memory format and compiles the backbone, which the averaged copy handles.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides")
+            super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._average_model is not None and self._device is None:
