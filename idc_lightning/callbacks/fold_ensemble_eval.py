@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -33,6 +34,8 @@ BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 # Set in the launcher's own process when its jobs trained with DDP; a child eval must start its own process group.
 DDP_ENVIRONMENT = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 LOG_TAIL_CHARS = 3000
+# Characters Hydra's override grammar and a shell both read literally: such a path needs no quotes.
+PLAIN_PATH = re.compile(r"[\w./-]+", re.ASCII)
 
 
 def _is_forwarded(key: str) -> bool:
@@ -47,8 +50,12 @@ def forwarded_overrides(task_overrides: list[str]) -> list[str]:
 
 
 def quoted(value: Path | str) -> str:
-    """A value Hydra's override grammar reads back verbatim, whatever characters a path holds."""
-    escaped = str(value).replace("'", "\\'")
+    """A value Hydra's override grammar reads back verbatim, whatever characters a path holds; plain paths stay
+    bare, so the command printed for a user reads as one they would type."""
+    text = str(value)
+    if PLAIN_PATH.fullmatch(text):
+        return text
+    escaped = text.replace("'", "\\'")
     return f"'{escaped}'"
 
 
