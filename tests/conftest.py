@@ -16,7 +16,8 @@ from idc_lightning.resolvers import register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-REAL_DATA = REPO.parent / "shared" / "data" / "idc_real"
+# The 25-patient real Kaggle sample: beside the developers' checkout, or wherever IDC_REAL_DATA points.
+REAL_DATA = Path(os.environ.get("IDC_REAL_DATA", REPO.parent / "shared" / "data" / "idc_real"))
 TINY = {"num_patients": 12, "seed": 0, "grid_min": 6, "grid_max": 8}
 
 register_resolvers()
@@ -32,10 +33,11 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data_dir
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_data() -> Path:
     if not REAL_DATA.is_dir():
-        pytest.skip(f"real IDC sample not found at {REAL_DATA} (only beside the developers' checkout)")
+        pytest.skip(f"real IDC sample not found at {REAL_DATA} (only beside the developers' checkout; set "
+                    "IDC_REAL_DATA to its folder elsewhere)")
     return REAL_DATA
 
 

@@ -16,7 +16,6 @@ from idc_lightning.data.transforms import eval_transform, train_transform
 from idc_lightning.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from idc_lightning.symmetry import dihedral
 
-REAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "idc_real"
 NO_JITTER = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
 
 
@@ -34,11 +33,9 @@ def _asymmetric_patch(size: int = 50) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def real_patches() -> np.ndarray:
+def real_patches(real_data: Path) -> np.ndarray:
     """Full-size patches of one real patient (uint8 [N,50,50,3] RGB)."""
-    if not REAL_DATA.is_dir():
-        pytest.skip(f"real IDC sample not found at {REAL_DATA}")
-    paths = sorted((REAL_DATA / "9035").glob("*/*.png"))
+    paths = sorted((real_data / "9035").glob("*/*.png"))
     patches = [cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB) for path in paths]
     return np.stack([patch for patch in patches if patch.shape == (50, 50, 3)])
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 import torch
 
 from idc_lightning.data.stain import (
@@ -21,7 +20,6 @@ from idc_lightning.data.stain import (
     rgb_to_od,
 )
 
-REAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "idc_real"
 # Macenko's reference vectors are unit length only to 4 decimals.
 REFERENCE_VECTORS = MACENKO_REFERENCE.stain_vectors / np.linalg.norm(
     MACENKO_REFERENCE.stain_vectors, axis=1, keepdims=True
@@ -108,10 +106,8 @@ def test_background_only_input_is_returned_unchanged() -> None:
     assert np.array_equal(macenko_normalize(nearly_white), nearly_white)
 
 
-def test_macenko_on_a_real_patient() -> None:
-    if not REAL_DATA.is_dir():
-        pytest.skip(f"real IDC sample not found at {REAL_DATA}")
-    paths = sorted((REAL_DATA / "9035").glob("*/*.png"))
+def test_macenko_on_a_real_patient(real_data: Path) -> None:
+    paths = sorted((real_data / "9035").glob("*/*.png"))
     decoded = [cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB) for path in paths]
     patches = np.stack([patch for patch in decoded if patch.shape == (50, 50, 3)])
     out = macenko_normalize(patches)
