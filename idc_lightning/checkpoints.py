@@ -153,7 +153,7 @@ class EnsembleCheckpoint:
         methods = sorted({f"{point.method} on {point.chosen_on}" for point in points})
         return OperatingPoint(threshold=float(sum(point.threshold for point in points) / len(points)),
                               method=f"mean over {len(points)} models ({', '.join(methods)})",
-                              chosen_on="val")
+                              chosen_on="val", coverage=min(point.coverage for point in points))
 
     @property
     def patients(self) -> dict[str, list[str]]:

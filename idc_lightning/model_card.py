@@ -79,18 +79,17 @@ def _test_results(metrics: dict[str, float], test_patients: int) -> list[str]:
     if not any(key.startswith("test/") for key in metrics):
         return [NOT_TESTED, ""]
     coverage = metrics.get("test/coverage")
-    partial = [] if coverage is None or coverage >= 1.0 else [
-        f"**Partial test**: only {coverage:.1%} of the test patches were scored (`trainer.limit_test_batches`); "
-        "`python -m idc_lightning.eval ckpt_path=<this checkpoint>` scores them all.", ""]
+    source = (f"From {test_patients} test patients; the figures vary from patient to patient (see patients.csv)."
+              if coverage is None or coverage >= 1.0 else
+              f"**Partial test**: only {coverage:.1%} of the test patches were scored (`trainer.limit_test_batches`); "
+              "`python -m idc_lightning.eval ckpt_path=<this checkpoint>` scores them all.")
     return ["| metric | value |", "|---|---:|",
-            *(f"| {label} | {_number(metrics.get(key))} |" for key, label in CARD_METRICS), "", *partial,
-            f"From {test_patients} test patients; the figures vary from patient to patient (see patients.csv).", ""]
+            *(f"| {label} | {_number(metrics.get(key))} |" for key, label in CARD_METRICS), "", source, ""]
 
 
-def _operating_point_sentence(point: OperatingPoint, metrics: dict[str, float]) -> str:
-    coverage = metrics.get("val/coverage")
-    partial = ("" if coverage is None or coverage >= 1.0 else
-               f" (on only {coverage:.1%} of their patches: `trainer.limit_val_batches`)")
+def _operating_point_sentence(point: OperatingPoint) -> str:
+    partial = ("" if point.coverage >= 1.0 else
+               f" (on only {point.coverage:.1%} of their patches: `trainer.limit_val_batches`)")
     return (f"A patch is called IDC when {point.rule}, threshold {point.threshold:.4f}, chosen by {point.method} on "
             f"the {point.chosen_on} patients{partial}.")
 
@@ -131,7 +130,7 @@ def model_card(checkpoint: RunCheckpoint | EnsembleCheckpoint, metrics: dict[str
         "",
         "## Operating point and calibration",
         "",
-        f"{_operating_point_sentence(point, metrics)} {_calibration_sentence(checkpoint)}",
+        f"{_operating_point_sentence(point)} {_calibration_sentence(checkpoint)}",
         "",
         _context_sentence(hparams.get("context_sigma", 0.0)),
         "",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO, TINY
 
-from idc_lightning.checkpoints import CheckpointError
+from idc_lightning.checkpoints import CheckpointError, read_checkpoint
 from idc_lightning.data.splits import SplitError
 from idc_lightning.eval import evaluate
 from idc_lightning.evaluation.metrics import ranking_metrics
@@ -154,17 +154,21 @@ def test_cli_tune_lr_saves_the_finder_plot_and_prints_the_suggestion(tiny_data_d
 def test_a_run_cut_short_by_limit_batches_says_its_results_are_partial(make_cfg, tmp_path: Path,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     # debug=limit and fast_dev_run score a few batches of validation and test; nothing may pass that for the whole.
-    train(make_cfg("train", [*FAST, "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-                             "callbacks.heatmap=null"]))
+    train(make_cfg("train", ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+                             "trainer.limit_test_batches=1", "callbacks.heatmap=null"]))
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
     assert len(pd.read_parquet(run / "predictions.parquet")) == 32
-    assert 0 < results["val/coverage"] < 1
-    assert results["test/coverage"] < 1
-    assert "Scored 32 of the" in caplog.text and "trainer.limit_test_batches=1" in caplog.text
+    assert 0 < results["val/coverage"] < 1 and 0 < results["test/coverage"] < 1
+    # Once per split, not at every epoch nor at the sanity check.
+    assert caplog.text.count("Scored 32 of the") == 2
+    assert caplog.text.count("val patches (1 batches") == caplog.text.count("test patches (1 batches") == 1
+    # The checkpoint carries how much validation its operating point saw, for every later card (export, ensembles).
+    point = read_checkpoint(next((run / "checkpoints").glob("epoch_*.ckpt"))).operating_point
+    assert point.coverage == pytest.approx(results["val/coverage"])
     card = (run / "MODEL_CARD.md").read_text()
-    assert f"only {results['test/coverage']:.1%} of the test patches" in card
-    assert f"on only {results['val/coverage']:.1%} of their patches" in card
+    assert f"only {results['test/coverage']:.1%} of the test patches" in card and "From " not in card
+    assert f"on only {point.coverage:.1%} of their patches" in card
 
 
 def test_test_fraction_zero_trains_on_every_patient_but_validation(make_cfg, tmp_path: Path) -> None:

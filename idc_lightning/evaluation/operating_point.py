@@ -28,6 +28,8 @@ class OperatingPoint:
     method: str = "fixed"
     chosen_on: str = "none"
     rule: str = RULE
+    # The fraction of the validation patches it was chosen on: below 1 when trainer.limit_val_batches cut them short.
+    coverage: float = 1.0
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

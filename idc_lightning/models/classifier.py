@@ -253,8 +253,9 @@ class IDCClassifier(L.LightningModule):
             consequence = ("the checkpoint and the operating point are chosen on them" if split == "val" else
                            "results.json, patients.csv and the model card describe them only; python -m "
                            "idc_lightning.eval ckpt_path=<its checkpoint> scores every test patch")
-            log.warning("Scored %d of the %d %s patches (trainer.limit_%s_batches=%s): %s; %s/coverage is %.3f",
-                        scored, total, split, split, limit, consequence, split, coverage)
+            log.warning("Scored %d of the %d %s patches (%s batches: trainer.limit_%s_batches, overfit_batches or "
+                        "fast_dev_run): %s; %s/coverage is %.3f", scored, total, split, limit, split, consequence,
+                        split, coverage)
         return coverage
 
     def on_validation_epoch_end(self) -> None:
@@ -270,13 +271,13 @@ class IDCClassifier(L.LightningModule):
         metrics = binary_metrics(probs, labels, self.fixed_threshold)
         method = self.hparams.threshold_method
         threshold = choose_threshold(probs, labels, method, fallback=self.fixed_threshold)
-        self.operating_point = OperatingPoint(threshold=threshold, method=method, chosen_on="val")
+        coverage = self._coverage("val", len(probs))
+        self.operating_point = OperatingPoint(threshold=threshold, method=method, chosen_on="val", coverage=coverage)
         logged = {f"val/{k}": metrics[k] for k in ("auroc", "f1", "bal_acc", "auprc")}
         logged.update({"val/patch_auroc": patch_auroc, "val/threshold": threshold,
                        "val/ece": expected_calibration_error(probs, labels),
                        "val/temperature": float(self.temperature),
-                       "val/collapsed": self._warn_if_collapsed("val", probs),
-                       "val/coverage": self._coverage("val", len(probs))})
+                       "val/collapsed": self._warn_if_collapsed("val", probs), "val/coverage": coverage})
         self.log_dict(logged, sync_dist=True)
         self.predictions["val"] = predictions
 
