@@ -104,6 +104,7 @@ def test_the_fold_ensemble_eval_gets_the_sweeps_hardware_and_paths_but_no_sweep(
     parsed = OverridesParser.create().parse_overrides([f"ckpt_path={quoted(awkward)}"])[0]
     assert parsed.value() == awkward
     assert quoted("outputs/real_cv/multiruns/2026-11-30_10-00-00") == "outputs/real_cv/multiruns/2026-11-30_10-00-00"
+    assert [quoted(name) for name in ("42", "1e3", "true", "null")] == ["'42'", "'1e3'", "'true'", "'null'"]
 
 
 def test_only_the_completed_folds_of_one_setting_are_averaged() -> None:

@@ -53,8 +53,8 @@ def quoted(value: Path | str) -> str:
     """A value Hydra's override grammar reads back verbatim, whatever characters a path holds; plain paths stay
     bare, so the command printed for a user reads as one they would type."""
     text = str(value)
-    if PLAIN_PATH.fullmatch(text):
-        return text
+    if PLAIN_PATH.fullmatch(text) and OverridesParser.create().parse_override(f"key={text}").value() == text:
+        return text  # not one Hydra would read as a number, bool or null (42, 1e3, true, null)
     escaped = text.replace("'", "\\'")
     return f"'{escaped}'"
 
