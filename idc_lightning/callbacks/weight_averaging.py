@@ -19,10 +19,12 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.optim.swa_utils import get_swa_avg_fn
 
 log = logging.getLogger(__name__)
+SHARDING_STRATEGIES = (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)
 
 
 class _AveragedLayersOnly(WeightAveraging):
@@ -36,10 +38,11 @@ class _AveragedLayersOnly(WeightAveraging):
             getattr(averaged, name).copy_(buffer)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Lightning warns about sharding whenever configure_model is overridden; the classifier's only sets the
-        # memory format and compiles the backbone, which the averaged copy handles.
+        # Lightning warns whenever configure_model is overridden, for fear of sharded layers; the classifier's only
+        # sets the memory format and compiles the backbone, so the warning stays only where a strategy shards.
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides")
+            if not isinstance(trainer.strategy, SHARDING_STRATEGIES):
+                warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides")
             super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -69,11 +69,11 @@ def test_swa_is_the_equal_mean_of_the_weights_from_its_start_epoch(start_epoch: 
     assert float(model.w.detach()) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize(("start_epoch", "expected"), [(0, -3.5), (1, (-4 - 5 - 6) / 3)])
+@pytest.mark.parametrize(("start_epoch", "stopped_after", "expected"), [(0, 1, -3.5), (1, 2, -6.5)])
 def test_swa_resumed_after_a_stop_gives_the_uninterrupted_average(tmp_path: Path, start_epoch: int,
-                                                                   expected: float) -> None:
+                                                                   stopped_after: int, expected: float) -> None:
     # A pre-empted job (SLURM, SIGTERM) resumes from last.ckpt: the raw weights and the running average, with its
-    # count, come back, so epoch 2 extends the mean of epoch 1 instead of starting a new one.
+    # count, come back, so the next epoch extends the mean instead of starting a new one (w: -1, -2, ... per step).
     def fit(max_epochs: int, ckpt_path: Path | None) -> _Descent:
         model = _Descent()
         last = ModelCheckpoint(dirpath=tmp_path, filename="last", enable_version_counter=False)
@@ -82,8 +82,8 @@ def test_swa_resumed_after_a_stop_gives_the_uninterrupted_average(tmp_path: Path
         trainer.fit(model, ckpt_path=ckpt_path)
         return model
 
-    fit(1, None)
-    assert float(fit(2, tmp_path / "last.ckpt").w.detach()) == pytest.approx(expected)
+    fit(stopped_after, None)
+    assert float(fit(stopped_after + 1, tmp_path / "last.ckpt").w.detach()) == pytest.approx(expected)
 
 
 def test_swa_checkpoints_the_raw_weights_before_its_start_epoch(make_cfg, tmp_path: Path,
