@@ -11,8 +11,6 @@ from PIL import Image
 from idc_lightning.evaluation.heatmaps import dice, render_patient_heatmap, write_patient_heatmaps
 from idc_lightning.evaluation.slide_grid import GridGeometry, cell_index, grid_geometry, slide_thumbnail, value_grid
 
-# The shared real sample beside the checkout (../shared); absent in a user's clone.
-REAL_SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "idc_real"
 KAGGLE_NAME = re.compile(r"(?P<pid>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$")
 
 
@@ -160,10 +158,8 @@ def test_write_patient_heatmaps_names_missing_columns(tmp_path: Path) -> None:
         write_patient_heatmaps(pd.DataFrame({"patient_id": ["a"], "x": [1], "y": [1]}), None, tmp_path, None, 0.5)
 
 
-def test_real_patient_rebuilds_its_slide(tmp_path: Path) -> None:
-    patient_dir = REAL_SAMPLE / "9125"
-    if not patient_dir.is_dir():
-        pytest.skip(f"real IDC sample not found at {REAL_SAMPLE}")
+def test_real_patient_rebuilds_its_slide(real_data: Path, tmp_path: Path) -> None:
+    patient_dir = real_data / "9125"
     rows, pixels = [], []
     for path in sorted(patient_dir.glob("[01]/*.png")):
         rows.append({k: int(v) for k, v in KAGGLE_NAME.search(path.name).groupdict().items()})
