@@ -21,7 +21,7 @@ from real_inference_variants import CACHE_SETTINGS, _inputs, _probabilities
 from idc_lightning.checkpoints import RunCheckpoint, read_checkpoint
 from idc_lightning.data.cache import PatchCache, build_cache
 from idc_lightning.data.manifest import build_manifest
-from idc_lightning.evaluation.metrics import binary_metrics
+from idc_lightning.evaluation.metrics import binary_metrics, confusion_counts, rates
 from idc_lightning.evaluation.operating_point import THRESHOLD_METHODS, choose_threshold, is_idc
 from idc_lightning.evaluation.spatial_context import smooth_patient_probabilities
 
@@ -45,13 +45,6 @@ def _left_out_calls(val: pd.DataFrame, method: str) -> np.ndarray:
     return calls
 
 
-def _f1_and_balanced_accuracy(calls: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    positive = labels == 1
-    tp, fn = (calls & positive).sum(), (~calls & positive).sum()
-    fp, tn = (calls & ~positive).sum(), (~calls & ~positive).sum()
-    return 2 * tp / (2 * tp + fp + fn), (tp / (tp + fn) + tn / (tn + fp)) / 2
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_root", type=Path)
@@ -68,13 +61,12 @@ def main() -> None:
     for checkpoint in checkpoints:
         val, test = (_in_context(cache, checkpoint, split) for split in ("val", "test"))
         for method in THRESHOLD_METHODS:
-            left_out_f1, left_out_bal_acc = _f1_and_balanced_accuracy(_left_out_calls(val, method),
-                                                                      val.label.to_numpy())
+            left_out = rates(confusion_counts(_left_out_calls(val, method), val.label.to_numpy() == 1))
             threshold = choose_threshold(val.prob, val.label, method)
             tested = binary_metrics(test.prob.to_numpy(), test.label.to_numpy(), threshold)
             records.append({"method": method, "fold": checkpoint.path.parent.parent.name, "threshold": threshold,
-                            "val/f1 (patient left out)": left_out_f1,
-                            "val/bal_acc (patient left out)": left_out_bal_acc,
+                            "val/f1 (patient left out)": left_out["f1"],
+                            "val/bal_acc (patient left out)": left_out["bal_acc"],
                             "test/f1@val_thr": tested["f1"], "test/bal_acc@val_thr": tested["bal_acc"]})
             print(records[-1], flush=True)
     table = pd.DataFrame(records)
