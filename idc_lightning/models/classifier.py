@@ -269,12 +269,14 @@ class IDCClassifier(L.LightningModule):
         probs = predictions["prob"].to_numpy()
         # At the fixed threshold, like test/f1: the operating point chosen below is fitted to these very patches.
         metrics = binary_metrics(probs, labels, self.fixed_threshold)
-        method = self.hparams.threshold_method
-        threshold = choose_threshold(probs, labels, method, fallback=self.fixed_threshold)
         coverage = self._coverage("val", len(probs))
-        self.operating_point = OperatingPoint(threshold=threshold, method=method, chosen_on="val", coverage=coverage)
+        if not self.trainer.sanity_checking:  # its few batches (often one patient, one class) choose nothing
+            method = self.hparams.threshold_method
+            threshold = choose_threshold(probs, labels, method, fallback=self.fixed_threshold)
+            self.operating_point = OperatingPoint(threshold=threshold, method=method, chosen_on="val",
+                                                  coverage=coverage)
         logged = {f"val/{k}": metrics[k] for k in ("auroc", "f1", "bal_acc", "auprc")}
-        logged.update({"val/patch_auroc": patch_auroc, "val/threshold": threshold,
+        logged.update({"val/patch_auroc": patch_auroc, "val/threshold": self.operating_point.threshold,
                        "val/ece": expected_calibration_error(probs, labels),
                        "val/temperature": float(self.temperature),
                        "val/collapsed": self._warn_if_collapsed("val", probs), "val/coverage": coverage})

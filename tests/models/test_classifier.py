@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from torchvision.models import resnet18
 
 import idc_lightning.models.backbone as backbone
-from idc_lightning.evaluation.operating_point import choose_threshold
+from idc_lightning.evaluation.operating_point import OperatingPoint, choose_threshold
 from idc_lightning.evaluation.spatial_context import smooth_patient_probabilities
 from idc_lightning.models.backbone import PretrainedWeightsError, build_resnet18, imagenet_checkpoint_path
 from idc_lightning.models.classifier import IDCClassifier
@@ -149,3 +149,14 @@ def test_the_operating_point_is_chosen_on_probabilities_in_context(make_cfg) -> 
     chosen = choose_threshold(val["prob"].to_numpy(), val["label"].to_numpy(), "f1")
     assert model.operating_point.threshold == pytest.approx(chosen)
     assert chosen != pytest.approx(choose_threshold(val["patch_prob"].to_numpy(), val["label"].to_numpy(), "f1"))
+
+
+def test_the_sanity_check_chooses_no_operating_point(make_cfg) -> None:
+    # Lightning's sanity check scores a batch or two before training, often of one patient and one class.
+    cfg = make_cfg("train")
+    model, datamodule = instantiate(cfg.model), instantiate(cfg.data)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=0, num_sanity_val_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=datamodule)
+    assert "val" in model.predictions
+    assert model.operating_point == OperatingPoint(threshold=model.fixed_threshold)
