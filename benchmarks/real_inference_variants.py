@@ -115,15 +115,17 @@ def _fold_predictions(cache: PatchCache, checkpoint: RunCheckpoint, sigmas: list
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def sweep_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of the scripts that score a real_cv sweep's folds: the data root, the sweep, the cache."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_root", type=Path)
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--cache-dir", type=Path, required=True, help="train's paths.cache_dir")
-    parser.add_argument("--sigmas", default="0,0.5,0.75,1,1.5,2,3",
-                        help="context widths (patch widths, comma-separated) to score plain at")
-    args = parser.parse_args()
-    sigmas = [float(sigma) for sigma in args.sigmas.split(",")]
+    return parser
+
+
+def sweep_folds(args: argparse.Namespace) -> tuple[list[RunCheckpoint], PatchCache]:
+    """The sweep's fold checkpoints and the packed cache they share; one real_cv sweep or a clear exit."""
     checkpoints = [read_checkpoint(path) for path in sorted(args.sweep_dir.glob("*/checkpoints/epoch_*.ckpt"))]
     if not checkpoints:
         raise SystemExit(f"no */checkpoints/epoch_*.ckpt under {args.sweep_dir}: give a real_cv sweep folder")
@@ -134,7 +136,16 @@ def main() -> None:
                          f"patients; give one real_cv sweep")
     manifest, _ = build_manifest(args.data_root, args.cache_dir)
     cache_settings = dict(zip(CACHE_SETTINGS, settings.pop(), strict=True))
-    cache = build_cache(manifest, args.data_root, args.cache_dir, **cache_settings, workers=1)
+    return checkpoints, build_cache(manifest, args.data_root, args.cache_dir, **cache_settings, workers=1)
+
+
+def main() -> None:
+    parser = sweep_parser(__doc__)
+    parser.add_argument("--sigmas", default="0,0.5,0.75,1,1.5,2,3",
+                        help="context widths (patch widths, comma-separated) to score plain at")
+    args = parser.parse_args()
+    sigmas = [float(sigma) for sigma in args.sigmas.split(",")]
+    checkpoints, cache = sweep_folds(args)
     records, test_probs, thresholds = [], {}, {}
     for checkpoint in checkpoints:
         fold = checkpoint.path.parent.parent.name

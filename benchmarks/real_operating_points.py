@@ -11,16 +11,12 @@ patients, as `train` does (docs/results.md). Probabilities are in the checkpoint
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
-from real_inference_variants import CACHE_SETTINGS, _inputs, _probabilities
+from real_inference_variants import _inputs, _probabilities, sweep_folds, sweep_parser
 
-from idc_lightning.checkpoints import RunCheckpoint, read_checkpoint
-from idc_lightning.data.cache import PatchCache, build_cache
-from idc_lightning.data.manifest import build_manifest
+from idc_lightning.checkpoints import RunCheckpoint
+from idc_lightning.data.cache import PatchCache
 from idc_lightning.evaluation.metrics import binary_metrics, confusion_counts, rates
 from idc_lightning.evaluation.operating_point import THRESHOLD_METHODS, choose_threshold, is_idc
 from idc_lightning.evaluation.spatial_context import smooth_patient_probabilities
@@ -46,17 +42,7 @@ def _left_out_calls(val: pd.DataFrame, method: str) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_root", type=Path)
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--cache-dir", type=Path, required=True, help="train's paths.cache_dir")
-    args = parser.parse_args()
-    checkpoints = [read_checkpoint(path) for path in sorted(args.sweep_dir.glob("*/checkpoints/epoch_*.ckpt"))]
-    if not checkpoints:
-        raise SystemExit(f"no */checkpoints/epoch_*.ckpt under {args.sweep_dir}: give a real_cv sweep folder")
-    manifest, _ = build_manifest(args.data_root, args.cache_dir)
-    settings = {key: getattr(checkpoints[0].preprocessing, key) for key in CACHE_SETTINGS}
-    cache = build_cache(manifest, args.data_root, args.cache_dir, **settings, workers=1)
+    checkpoints, cache = sweep_folds(sweep_parser(__doc__).parse_args())
     records = []
     for checkpoint in checkpoints:
         val, test = (_in_context(cache, checkpoint, split) for split in ("val", "test"))
