@@ -231,8 +231,11 @@ def test_killed_run_resumes_from_last_checkpoint(kill: signal.Signals, tiny_data
                  "callbacks.heatmap=null", "logger=many", f"hydra.run.dir={run_dir}"]
     if kill == signal.SIGKILL:
         overrides.append("ckpt_path=last")  # from scratch while there is no last.ckpt
+    # Lightning saves through a temporary file in TMPDIR; a kill mid-save leaves it (~130 MB) behind there.
+    (tmp_path / "tmp").mkdir()
     first = subprocess.Popen(cli_command("idc_lightning.train", tiny_data_dir, *overrides), cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr.txt").open("w"), env=OFFLINE_ENV)
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr.txt").open("w"),
+                             env={**OFFLINE_ENV, "TMPDIR": str(tmp_path / "tmp")})
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
     while not last.is_file() and first.poll() is None and time.monotonic() < deadline:
