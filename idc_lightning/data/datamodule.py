@@ -25,7 +25,7 @@ from idc_lightning.data.cache import IMAGES_FILE, PatchCache, build_cache
 from idc_lightning.data.datasets import PatchBatchDataset, PatchDataset, keep_batch
 from idc_lightning.data.device_augment import BatchAugment
 from idc_lightning.data.gpu_resident import ResidentBatches, fits_on_device
-from idc_lightning.data.manifest import UNLABELLED, ManifestReport, build_manifest
+from idc_lightning.data.manifest import UNLABELLED, ManifestReport, build_manifest, unused_files
 from idc_lightning.data.splits import (
     SPLITS,
     SplitError,
@@ -47,19 +47,6 @@ SAMPLERS = ("random", "balanced", "patient")
 UNUSED_FILES = "skipped_files.csv"
 
 log = logging.getLogger(__name__)
-
-
-def unused_files(report: ManifestReport | None, undecodable: pd.DataFrame) -> pd.DataFrame:
-    """Files under data.root that no patch comes from: (path relative to the root, kind, reason)."""
-    ignored = report.ignored if report is not None else []
-    by_name = report.skipped if report is not None else []
-    frames = [
-        pd.DataFrame({"path": ignored, "kind": "not a patch name",
-                      "reason": "the name is not <patient>_idx5_x<X>_y<Y>_class<0|1>.png"}),
-        pd.DataFrame(by_name, columns=["path", "reason"]).assign(kind="patch skipped by name"),
-        undecodable[["path", "reason"]].assign(kind="undecodable patch"),
-    ]
-    return pd.concat(frames, ignore_index=True)[["path", "kind", "reason"]]
 
 
 def sampling_weights(frame: pd.DataFrame, sampler: str) -> np.ndarray | None:
