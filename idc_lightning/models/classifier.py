@@ -58,6 +58,7 @@ class IDCClassifier(L.LightningModule):
         dropout: float = 0.2,
         class_weights: str | Sequence[float] | None = "inverse_freq",
         label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
         freeze_backbone_epochs: int = 0,
         backbone_lr_scale: float = 1.0,
         threshold: float = 0.5,
@@ -71,6 +72,8 @@ class IDCClassifier(L.LightningModule):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        if mixup_alpha < 0:
+            raise ValueError(f"model.mixup_alpha must be >= 0 (0: off), got {mixup_alpha}")
         if calibrate not in CALIBRATIONS:
             raise ValueError(f"model.calibrate={calibrate!r}: use null or temperature")
         if context_sigma < 0:
@@ -168,11 +171,25 @@ class IDCClassifier(L.LightningModule):
             for parameter in self.backbone.parameters():
                 parameter.grad = None
 
+    def _training_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, weight=self.loss_weights, label_smoothing=self.hparams.label_smoothing)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
-        loss = F.cross_entropy(logits, batch["label"], weight=self.loss_weights,
-                               label_smoothing=self.hparams.label_smoothing)
-        self.train_auroc.update(logits.detach().float().softmax(dim=1)[:, 1], batch["label"])
+        images, labels = batch["image"], batch["label"]
+        alpha = self.hparams.mixup_alpha
+        if alpha > 0:
+            # Mixup: each patch blended with another of the batch (often another patient's stain), its loss the same
+            # blend of both labels' losses; train/auroc scores the larger part's label.
+            weight = float(torch.distributions.Beta(alpha, alpha).sample())
+            partner = torch.randperm(len(images), device=images.device)
+            logits = self(weight * images + (1 - weight) * images[partner])
+            loss = (weight * self._training_loss(logits, labels)
+                    + (1 - weight) * self._training_loss(logits, labels[partner]))
+            labels = labels if weight >= 0.5 else labels[partner]
+        else:
+            logits = self(images)
+            loss = self._training_loss(logits, labels)
+        self.train_auroc.update(logits.detach().float().softmax(dim=1)[:, 1], labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
         self.log("train/auroc", self.train_auroc, on_step=False, on_epoch=True, batch_size=len(logits))
         return loss

@@ -137,6 +137,29 @@ def test_label_smoothing_softens_the_training_targets_only() -> None:
         classifier(label_smoothing=1.0)
 
 
+def test_mixup_blends_two_patches_and_their_losses_in_training_only() -> None:
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 3, 50, 50), torch.tensor([0, 1] * 4)
+    model = classifier(mixup_alpha=0.4).eval()
+    model.loss_weights.copy_(torch.tensor([1.0, 3.0]))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        weight = float(torch.distributions.Beta(0.4, 0.4).sample())
+        partner = torch.randperm(8)
+        logits = model(weight * images + (1 - weight) * images[partner])
+        ce = partial(torch.nn.functional.cross_entropy, logits, weight=model.loss_weights)
+        expected = weight * ce(labels) + (1 - weight) * ce(labels[partner])
+        torch.manual_seed(1)
+        assert float(model.training_step({"image": images, "label": labels}, 0)) == pytest.approx(float(expected))
+        assert 0 < weight < 1 and not torch.equal(partner, torch.arange(8))
+    plain = classifier().eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(plain.idc_probability(images), model.idc_probability(images))
+    with pytest.raises(ValueError, match="mixup_alpha"):
+        classifier(mixup_alpha=-0.1)
+
+
 def test_the_operating_point_is_chosen_on_probabilities_in_context(make_cfg) -> None:
     cfg = make_cfg("train", ["model.context_sigma=1.5", "model.threshold_method=f1"])
     model, datamodule = instantiate(cfg.model), instantiate(cfg.data)
