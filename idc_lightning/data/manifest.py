@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from idc_lightning.data.cache_dir import make_cache_folder
 from idc_lightning.data.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ def build_manifest(root: Path | str, cache_dir: Path | str | None = None) -> tup
         log.info("Reusing manifest %s", saved)
         return pd.read_parquet(saved / "manifest.parquet"), report
     frame, report = _parse_files(root, files)
-    saved.mkdir(parents=True, exist_ok=True)
+    make_cache_folder(saved, cache_dir)
     frame.to_parquet(saved / "manifest.parquet", index=False)
     # The report is written last and atomically: its presence marks a complete manifest.
     partial = saved / "report.json.tmp"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import cv2
@@ -8,6 +9,7 @@ import pytest
 from PIL import Image
 
 from idc_lightning.data.cache import build_cache, decode_patch
+from idc_lightning.data.cache_dir import CacheDirNotWritableError
 from idc_lightning.data.manifest import build_manifest, scan_tree
 
 
@@ -153,3 +155,27 @@ def test_cache_inside_the_data_root_is_reused_and_not_scanned(odd_tree: Path) ->
     manifest_again, report_again = build_manifest(odd_tree, cache_dir)
     assert manifest_again.equals(manifest) and report_again.ignored == report.ignored == []
     assert build_cache(manifest_again, odd_tree, cache_dir, workers=1).folder == cache.folder
+
+
+def test_a_read_only_cache_dir_names_the_setting_and_a_saved_cache_is_still_reused(
+    odd_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache_dir = odd_tree / "cache"  # the default: inside the data folder
+    manifest, _ = build_manifest(odd_tree, cache_dir)
+    packed = build_cache(manifest, odd_tree, cache_dir, workers=1)
+    make_dir = Path.mkdir
+
+    def read_only_mount(self: Path, *args, **kwargs) -> None:
+        # Root ignores permission bits, so the read-only mount is the one filesystem call that fails.
+        if self == cache_dir or cache_dir in self.parents:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        make_dir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_mount)
+    again, _ = build_manifest(odd_tree, cache_dir)
+    assert np.array_equal(build_cache(again, odd_tree, cache_dir, workers=1).images, packed.images)
+    write(odd_tree / "9000/0/9000_idx5_x301_y1_class0.png", np.zeros((50, 50, 3), np.uint8))
+    with pytest.raises(CacheDirNotWritableError, match=rf"paths.cache_dir={cache_dir} .*IDC_CACHE_DIR"):
+        build_manifest(odd_tree, cache_dir)
+    with pytest.raises(CacheDirNotWritableError, match="Read-only file system"):
+        build_cache(scan_tree(odd_tree, exclude=cache_dir)[0], odd_tree, cache_dir, workers=1)
