@@ -12,6 +12,9 @@ import numpy as np
 
 from idc_lightning.preprocessing import PATCH_SIZE
 
+# The share of a slide's patches that must lie on the grid of its repeated spacings for that grid to be the step.
+ON_GRID_SHARE = 0.95
+
 
 @dataclass(frozen=True)
 class GridGeometry:
@@ -27,18 +30,18 @@ class GridGeometry:
 def grid_geometry(x: np.ndarray, y: np.ndarray, step: int | None = None) -> GridGeometry:
     """Derive the grid from the offsets, so neither the 50-px step nor Kaggle's +1 origin is assumed.
 
-    The step is the gcd of all offset differences (25 for stride-25 predictions). The origin is the offsets'
-    residue modulo the step, not their minimum, so cells stay slide-absolute: with origin 1 and step 50,
-    x=501 is column 10 whichever other patches the patient has. With an explicit step coarser than the data,
-    the origin is the smallest residue and patches sharing a cell are averaged by `value_grid`.
+    The step is the gcd of the spacings between neighbouring columns and rows (25 for stride-25 predictions;
+    `grid_step`). The origin is the offsets' smallest residue modulo the step, not their minimum, so cells stay
+    slide-absolute: with origin 1 and step 50, x=501 is column 10 whichever other patches the patient has. A patch
+    off the grid, or with an explicit step coarser than the data, shares the cell starting at or before it, and
+    patches sharing a cell are averaged by `value_grid`.
     """
     x = np.asarray(x, dtype=np.int64)
     y = np.asarray(y, dtype=np.int64)
     if x.size == 0 or x.shape != y.shape:
         raise ValueError(f"need matching, non-empty x and y offsets; got shapes {x.shape} and {y.shape}")
     if step is None:
-        # A lone patch has no neighbour to derive the step from: assume the Kaggle grid.
-        step = int(np.gcd.reduce(np.concatenate([x - x.min(), y - y.min()]))) or PATCH_SIZE
+        step = grid_step(x, y)
     if step <= 0:
         raise ValueError(f"grid step must be a positive number of pixels, got {step}")
     origin_x, origin_y = int((x % step).min()), int((y % step).min())
@@ -49,6 +52,34 @@ def grid_geometry(x: np.ndarray, y: np.ndarray, step: int | None = None) -> Grid
         rows=int((y.max() - origin_y) // step) + 1,
         cols=int((x.max() - origin_x) // step) + 1,
     )
+
+
+def grid_step(x: np.ndarray, y: np.ndarray) -> int:
+    """The gcd of the spacings between neighbouring columns and rows, robust to a few patches off the grid.
+
+    One stray file (x=1078 among 1, 51, ...) would make the plain gcd 1 px: a heatmap of specks and a grid 2,500
+    times larger. So the spacings that occur more than once give the step when at least ON_GRID_SHARE of the patches
+    lie on one lattice of it; a sparse sample, whose spacings repeat at a multiple of the step, keeps the plain gcd.
+    """
+    spacings = np.concatenate([np.diff(np.unique(x)), np.diff(np.unique(y))])
+    if spacings.size == 0:
+        return PATCH_SIZE  # a lone patch has no neighbour to derive the step from: assume the Kaggle grid
+    step = int(np.gcd.reduce(spacings))
+    values, counts = np.unique(spacings, return_counts=True)
+    if (counts > 1).any():
+        repeated = int(np.gcd.reduce(values[counts > 1]))
+        if repeated != step and _share_on_one_lattice(x, y, repeated) >= ON_GRID_SHARE:
+            return repeated
+    return step
+
+
+def _share_on_one_lattice(x: np.ndarray, y: np.ndarray, step: int) -> float:
+    """The share of patches whose x and y both have their axis's most common residue modulo step."""
+    on_lattice = np.ones(x.size, dtype=bool)
+    for offsets in (x % step, y % step):
+        residues, counts = np.unique(offsets, return_counts=True)
+        on_lattice &= offsets == residues[counts.argmax()]
+    return float(on_lattice.mean())
 
 
 def cell_index(x: np.ndarray, y: np.ndarray, geometry: GridGeometry) -> tuple[np.ndarray, np.ndarray]:

@@ -48,6 +48,19 @@ def test_step_is_derived_from_the_offsets() -> None:
     assert grid_geometry(np.array([501]), np.array([101])).step == 50
 
 
+def test_a_patch_off_the_grid_does_not_shrink_the_step_but_a_sparse_sample_keeps_its_own() -> None:
+    cols, rows = np.meshgrid(np.arange(8), np.arange(6))
+    x, y = 1 + 50 * cols.ravel(), 1 + 50 * rows.ravel()
+    stray_x, stray_y = np.append(x, 178), np.append(y, 114)  # one file off the 50-px grid
+    geometry = grid_geometry(stray_x, stray_y)
+    assert geometry == GridGeometry(origin_x=1, origin_y=1, step=50, rows=6, cols=8)
+    rows_of, cols_of = cell_index(stray_x, stray_y, geometry)
+    assert (rows_of[-1], cols_of[-1]) == (2, 3)  # the cell starting at (151, 101), at or before it
+    # Sampled every other column, with one neighbour pair 50 px apart: 100 repeats, but the step is 50.
+    sparse_x, sparse_y = np.array([1, 101, 201, 301, 351, 451]), np.array([1, 1, 101, 101, 201, 201])
+    assert grid_geometry(sparse_x, sparse_y).step == 50
+
+
 def test_coarser_explicit_step_averages_patches_sharing_a_cell() -> None:
     x, y = np.array([1, 26, 51]), np.array([1, 1, 1])
     geometry = grid_geometry(x, y, step=50)
