@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from idc_lightning.builders import print_config_tree
 from idc_lightning.checkpoints import EnsembleCheckpoint, RunCheckpoint, preprocessing_settings, read_model_checkpoint
-from idc_lightning.data.manifest import UNLABELLED
+from idc_lightning.data.manifest import UNLABELLED, holds_patches
 from idc_lightning.data.stain import MACENKO_REFERENCE, StainReference
 from idc_lightning.evaluation.heatmaps import write_patient_heatmaps
 from idc_lightning.evaluation.report import PREDICTION_COLUMNS
@@ -87,7 +87,8 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
         print_config_tree(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if source.is_file() or is_slide_folder(source):
+    # Kaggle-named patches anywhere below make it a patch folder, even beside a stray image (listed as skipped).
+    if source.is_file() or (is_slide_folder(source) and not holds_patches(source)):
         return predict_slides(trainer, model, slide_settings(cfg, settings, checkpoint, threshold), source,
                               output_dir)
     predictions, patches = predict_patches(cfg, trainer, model, settings, source)

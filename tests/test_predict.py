@@ -58,6 +58,21 @@ def test_folder_of_patients_draws_one_heatmap_per_patient(
     assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 3
 
 
+def test_loose_unlabelled_patches_beside_a_stray_image_are_a_patch_folder(
+        tiny_data_dir: Path, tmp_path: Path, checkpoint: Path, patient: Path) -> None:
+    loose = tmp_path / "new_patient"
+    loose.mkdir()
+    patches = sorted(patient.rglob("*.png"))
+    for path in patches:  # no class folder and no class in the name, as a new slide's patches come
+        (loose / path.name.replace(f"_class{path.parent.name}", "")).write_bytes(path.read_bytes())
+    (loose / "overview.png").write_bytes(patches[0].read_bytes())
+    predictions = run_predict(tiny_data_dir, tmp_path / "out", checkpoint, loose)
+    assert len(predictions) == len(patches) and set(predictions["patient_id"]) == {patient.name}
+    assert (predictions["label"] == -1).all()
+    skipped = pd.read_csv(tmp_path / "out" / "skipped_files.csv")
+    assert skipped["path"].str.endswith("overview.png").tolist() == [True]
+
+
 def test_bad_inputs_fail_with_clear_errors(tiny_data_dir: Path, tmp_path: Path, checkpoint: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist; give a patient folder"):
         run_predict(tiny_data_dir, tmp_path / "a", checkpoint, tmp_path / "missing")

@@ -104,6 +104,11 @@ def _walk_files(root: Path, exclude: Path | str | None = None) -> list[TreeFile]
     return found
 
 
+def holds_patches(folder: Path) -> bool:
+    """Whether any file under folder, at any depth, has a Kaggle patch name; stops at the first one."""
+    return any(PATCH_NAME.match(name) for _, _, names in os.walk(folder, followlinks=True) for name in names)
+
+
 def _excluded_folder(folder: Path | str | None) -> str | None:
     return None if folder is None else os.path.realpath(folder)
 
