@@ -12,8 +12,8 @@ import numpy as np
 
 from idc_lightning.preprocessing import PATCH_SIZE
 
-# The share of a slide's patches that must lie on the grid of its repeated spacings for that grid to be the step.
-ON_GRID_SHARE = 0.95
+# The share of a slide's patches (at least one) that may lie off the grid its step is derived from: stray files.
+OFF_GRID_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -55,31 +55,33 @@ def grid_geometry(x: np.ndarray, y: np.ndarray, step: int | None = None) -> Grid
 
 
 def grid_step(x: np.ndarray, y: np.ndarray) -> int:
-    """The gcd of the spacings between neighbouring columns and rows, robust to a few patches off the grid.
+    """The step of the grid the patches lie on, from the spacings between neighbouring columns and rows.
 
-    One stray file (x=1078 among 1, 51, ...) would make the plain gcd 1 px: a heatmap of specks and a grid 2,500
-    times larger. So the spacings that occur more than once give the step when at least ON_GRID_SHARE of the patches
-    lie on one lattice of it; a sparse sample, whose spacings repeat at a multiple of the step, keeps the plain gcd.
+    The plain gcd of the spacings turns one stray file (x=1078 among 1, 51, ...) into a 1-px grid: a heatmap of
+    specks, 2,500 times larger. So the most common spacing is the first guess, refined by the next most common
+    (gcd) while more than `max(1, OFF_GRID_SHARE * n)` patches lie off its lattice: a sparse sample, whose spacings
+    are mostly twice the step, gets the step back; a few strays at odd offsets stay off the grid.
     """
     spacings = np.concatenate([np.diff(np.unique(x)), np.diff(np.unique(y))])
     if spacings.size == 0:
         return PATCH_SIZE  # a lone patch has no neighbour to derive the step from: assume the Kaggle grid
-    step = int(np.gcd.reduce(spacings))
     values, counts = np.unique(spacings, return_counts=True)
-    if (counts > 1).any():
-        repeated = int(np.gcd.reduce(values[counts > 1]))
-        if repeated != step and _share_on_one_lattice(x, y, repeated) >= ON_GRID_SHARE:
-            return repeated
+    allowed_off_grid = max(1, int(OFF_GRID_SHARE * x.size))
+    step = 0
+    for spacing in values[np.argsort(-counts, kind="stable")]:
+        step = int(np.gcd(step, spacing))
+        if _off_one_lattice(x, y, step) <= allowed_off_grid:
+            break
     return step
 
 
-def _share_on_one_lattice(x: np.ndarray, y: np.ndarray, step: int) -> float:
-    """The share of patches whose x and y both have their axis's most common residue modulo step."""
+def _off_one_lattice(x: np.ndarray, y: np.ndarray, step: int) -> int:
+    """How many patches have an x or y off its axis's most common residue modulo step."""
     on_lattice = np.ones(x.size, dtype=bool)
     for offsets in (x % step, y % step):
         residues, counts = np.unique(offsets, return_counts=True)
         on_lattice &= offsets == residues[counts.argmax()]
-    return float(on_lattice.mean())
+    return int((~on_lattice).sum())
 
 
 def cell_index(x: np.ndarray, y: np.ndarray, geometry: GridGeometry) -> tuple[np.ndarray, np.ndarray]:

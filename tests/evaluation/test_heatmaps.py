@@ -59,6 +59,13 @@ def test_a_patch_off_the_grid_does_not_shrink_the_step_but_a_sparse_sample_keeps
     # Sampled every other column, with one neighbour pair 50 px apart: 100 repeats, but the step is 50.
     sparse_x, sparse_y = np.array([1, 101, 201, 301, 351, 451]), np.array([1, 1, 101, 101, 201, 201])
     assert grid_geometry(sparse_x, sparse_y).step == 50
+    # A small patient with one stray, and a large one with two strays at the same odd column offset.
+    small = np.arange(9)
+    assert grid_geometry(np.append(1 + 50 * (small % 3), 78), np.append(1 + 50 * (small // 3), 64)).step == 50
+    cols, rows = np.meshgrid(np.arange(20), np.arange(20))
+    x, y = np.append(1 + 50 * cols.ravel(), [178, 378]), np.append(1 + 50 * rows.ravel(), [114, 314])
+    assert grid_geometry(x, y).step == 50
+    assert grid_geometry(1 + 25 * cols.ravel(), 1 + 25 * rows.ravel()).step == 25
 
 
 def test_coarser_explicit_step_averages_patches_sharing_a_cell() -> None:
