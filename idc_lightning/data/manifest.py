@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from idc_lightning.data.cache_dir import make_cache_folder
+from idc_lightning.data.cache_dir import writing_to
 from idc_lightning.data.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -23,12 +23,15 @@ PATCH_NAME = re.compile(
     r"^(?P<pid>[^_/]+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)(?:_class(?P<label>[01]))?\.png$", re.IGNORECASE
 )
 UNLABELLED = -1
+CLASS_FOLDERS = ("0", "1")
 # size and mtime_ns say which version of the file the row describes: a cache keyed on them sees rewrites.
 MANIFEST_COLUMNS = ["patient_id", "x", "y", "label", "path", "size", "mtime_ns"]
 # Bump when the saved manifest's columns change, so manifests saved by an older version are rescanned.
 MANIFEST_FORMAT = 2
 # The zip repeats the whole tree under this folder: the same files twice.
 DUPLICATE_TREE = "IDC_regular_ps50_idx5"
+# How deep patch files lie below the zip's top level: IDC_regular_ps50_idx5/<patient_id>/<class>/<patch>.png
+KAGGLE_DEPTH = 4
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -87,9 +90,12 @@ def _walk_files(root: Path, exclude: Path | str | None = None) -> list[TreeFile]
     excluded = _excluded_folder(exclude)
     found: list[TreeFile] = []
     stack = [""]
+    seen: set[tuple[int, int]] = set()
     with progress_bar(f"Scanning {root}", total=None) as advance:
         while stack:
             rel_dir = stack.pop()
+            if not _unseen([str(root / rel_dir)], seen):
+                continue
             before = len(found)
             with os.scandir(root / rel_dir) as entries:
                 for entry in entries:
@@ -105,8 +111,32 @@ def _walk_files(root: Path, exclude: Path | str | None = None) -> list[TreeFile]
 
 
 def holds_patches(folder: Path) -> bool:
-    """Whether any file under folder, at any depth, has a Kaggle patch name; stops at the first one."""
-    return any(PATCH_NAME.match(name) for _, _, names in os.walk(folder, followlinks=True) for name in names)
+    """Whether a Kaggle-named patch lies in folder or below, down to the zip's depth (KAGGLE_DEPTH); stops at the
+    first one, so a slide archive is not walked to the bottom."""
+    level: list[str] = [str(folder)]
+    seen: set[tuple[int, int]] = set()
+    for _ in range(KAGGLE_DEPTH + 1):
+        below: list[str] = []
+        for directory in _unseen(level, seen):
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=True):
+                        below.append(entry.path)
+                    elif PATCH_NAME.match(entry.name) and entry.is_file(follow_symlinks=True):
+                        return True
+        level = below
+    return False
+
+
+def _unseen(directories: list[str], seen: set[tuple[int, int]]) -> list[str]:
+    """The directories not visited yet (by device and inode), so a symlink back up the tree is walked once."""
+    fresh = []
+    for directory in directories:
+        stat = os.stat(directory)
+        if (stat.st_dev, stat.st_ino) not in seen:
+            seen.add((stat.st_dev, stat.st_ino))
+            fresh.append(directory)
+    return fresh
 
 
 def _excluded_folder(folder: Path | str | None) -> str | None:
@@ -141,7 +171,8 @@ def _parse_files(root: Path, files: list[TreeFile]) -> tuple[pd.DataFrame, Manif
             continue
         label = UNLABELLED if match["label"] is None else int(match["label"])
         folder = rel_dir.rsplit("/", 1)[-1]
-        if label != UNLABELLED and folder != str(label):
+        # Only a class folder can contradict the name: loose labelled patches keep the name's label.
+        if label != UNLABELLED and folder in CLASS_FOLDERS and folder != str(label):
             report.skipped.append(
                 {"path": rel_path, "reason": f"class{label} in the file name but stored in folder '{folder}'"}
             )
@@ -214,10 +245,11 @@ def build_manifest(root: Path | str, cache_dir: Path | str | None = None) -> tup
         log.info("Reusing manifest %s", saved)
         return pd.read_parquet(saved / "manifest.parquet"), report
     frame, report = _parse_files(root, files)
-    make_cache_folder(saved, cache_dir)
-    frame.to_parquet(saved / "manifest.parquet", index=False)
-    # The report is written last and atomically: its presence marks a complete manifest.
-    partial = saved / "report.json.tmp"
-    partial.write_text(json.dumps(asdict(report), indent=1))
-    partial.replace(saved / "report.json")
+    with writing_to(cache_dir):
+        saved.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(saved / "manifest.parquet", index=False)
+        # The report is written last and atomically: its presence marks a complete manifest.
+        partial = saved / "report.json.tmp"
+        partial.write_text(json.dumps(asdict(report), indent=1))
+        partial.replace(saved / "report.json")
     return frame, report

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from idc_lightning.data.manifest import DatasetNotFoundError, build_manifest, scan_tree
+from idc_lightning.data.manifest import DatasetNotFoundError, build_manifest, holds_patches, scan_tree
 
 
 def write_patch(root: Path, pid: str, x: int, y: int, label: int, folder: str | None = None,
@@ -37,10 +37,11 @@ def test_parses_names_at_any_depth_and_merges_the_duplicated_tree(tmp_path: Path
 def test_junk_is_counted_and_class_mismatch_is_skipped_with_a_reason(tmp_path: Path) -> None:
     write_patch(tmp_path, "9000", 1, 1, 1)
     write_patch(tmp_path, "9000", 51, 1, 1, folder="0")
+    write_patch(tmp_path, "9000", 101, 1, 1, folder="new_patches")  # no class folder: the name's label holds
     (tmp_path / ".DS_Store").write_bytes(b"\0")
     (tmp_path / "9000" / "notes.txt").write_text("slide scanned twice")
     frame, report = scan_tree(tmp_path)
-    assert len(frame) == 1
+    assert frame[["x", "label"]].values.tolist() == [[1, 1], [101, 1]]
     assert sorted(report.ignored) == [".DS_Store", "9000/notes.txt"]
     assert report.skipped[0]["path"].endswith("x51_y1_class1.png")
     assert "folder '0'" in report.skipped[0]["reason"]
@@ -86,3 +87,19 @@ def test_saved_manifest_is_not_reused_when_a_patch_is_rewritten_in_place(tmp_pat
     again, _ = build_manifest(root, tmp_path / "cache")
     assert again.at[0, "mtime_ns"] == stat.st_mtime_ns + 1_000_000_000 != first.at[0, "mtime_ns"]
     assert len(list((tmp_path / "cache" / "manifests").iterdir())) == 2
+
+
+def test_symlink_loops_are_walked_once(tmp_path: Path) -> None:
+    write_patch(tmp_path / "data", "9000", 1, 1, 0)
+    write_patch(tmp_path / "data", "9000", 51, 1, 1)
+    (tmp_path / "data" / "9000" / "0" / "up").symlink_to(tmp_path / "data")
+    (tmp_path / "data" / "9000" / "1" / "up").symlink_to(tmp_path / "data" / "9000")
+    frame, report = scan_tree(tmp_path / "data")
+    assert len(frame) == 2 and report.files_seen == 2
+    slides = tmp_path / "slides"
+    (slides / "case1_files").mkdir(parents=True)
+    (slides / "case1.svs").write_bytes(b"II*\0")
+    (slides / "case1_files" / "loop").symlink_to(slides)
+    (slides / "case1_files" / "loop2").symlink_to(slides / "case1_files")
+    assert not holds_patches(slides)
+    assert holds_patches(tmp_path / "data") and holds_patches(tmp_path)
