@@ -27,7 +27,7 @@ from idc_lightning.evaluation.heatmaps import write_patient_heatmaps
 from idc_lightning.evaluation.report import PREDICTION_COLUMNS
 from idc_lightning.models.classifier import IDCClassifier
 from idc_lightning.slides.pipeline import SlideSettings, is_slide_folder, predict_slides
-from idc_lightning.slides.readers import SLIDE_SUFFIXES
+from idc_lightning.slides.readers import IMAGE_SUFFIXES, SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,17 @@ def slide_settings(cfg: DictConfig, settings: dict, checkpoint: RunCheckpoint | 
         threshold=threshold)
 
 
+def refuse_whole_slides_beside_patches(source: Path) -> None:
+    """Kaggle-named patches below make `source` a patch folder, and a stray PNG or JPEG there (an overview) is
+    listed as skipped; a whole-slide file there would be dropped just as silently, so it is an error instead."""
+    slides = sorted(p.name for p in source.iterdir()
+                    if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES - IMAGE_SUFFIXES)
+    if slides:
+        named = ", ".join(slides[:3]) + (", ..." if len(slides) > 3 else "")
+        raise ValueError(f"input={source} holds Kaggle patches (in it or below) and whole slides ({named}): predict "
+                         "them as two runs, input=<the patch folder> and input=<a slide or a folder of slides only>")
+
+
 def predict(cfg: DictConfig) -> pd.DataFrame:
     L.seed_everything(cfg.seed, workers=True)
     source = Path(cfg.input)
@@ -87,10 +98,10 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
         print_config_tree(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    # Kaggle-named patches anywhere below make it a patch folder, even beside a stray image (listed as skipped).
     if source.is_file() or (is_slide_folder(source) and not holds_patches(source)):
         return predict_slides(trainer, model, slide_settings(cfg, settings, checkpoint, threshold), source,
                               output_dir)
+    refuse_whole_slides_beside_patches(source)
     predictions, patches = predict_patches(cfg, trainer, model, settings, source)
     predictions[PREDICTION_COLUMNS].to_csv(output_dir / "predictions.csv", index=False)
     table = write_patient_heatmaps(predictions, lambda index: np.asarray(patches[index]), output_dir / "heatmaps",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,9 +69,22 @@ def test_loose_unlabelled_patches_beside_a_stray_image_are_a_patch_folder(
     (loose / "overview.png").write_bytes(patches[0].read_bytes())
     predictions = run_predict(tiny_data_dir, tmp_path / "out", checkpoint, loose)
     assert len(predictions) == len(patches) and set(predictions["patient_id"]) == {patient.name}
-    assert (predictions["label"] == -1).all()
+    assert predictions["label"].isna().all()
     skipped = pd.read_csv(tmp_path / "out" / "skipped_files.csv")
     assert skipped["path"].str.endswith("overview.png").tolist() == [True]
+    (loose / "case12.svs").write_bytes(b"II*\0")
+    with pytest.raises(ValueError, match=r"whole slides \(case12.svs\): predict them as two runs"):
+        run_predict(tiny_data_dir, tmp_path / "mixed", checkpoint, loose)
+
+
+def test_a_stray_image_beside_patient_folders_is_skipped_not_read_as_a_slide(
+        tiny_data_dir: Path, tmp_path: Path, checkpoint: Path, patient: Path) -> None:
+    patients = tmp_path / "patients"
+    shutil.copytree(patient, patients / patient.name)
+    (patients / "overview.png").write_bytes(next(patient.rglob("*.png")).read_bytes())
+    predictions = run_predict(tiny_data_dir, tmp_path / "out", checkpoint, patients)
+    assert len(predictions) == len(list(patient.rglob("*.png"))) and predictions["label"].notna().all()
+    assert pd.read_csv(tmp_path / "out" / "skipped_files.csv")["path"].tolist() == ["overview.png"]
 
 
 def test_bad_inputs_fail_with_clear_errors(tiny_data_dir: Path, tmp_path: Path, checkpoint: Path) -> None:
