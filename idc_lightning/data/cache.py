@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from idc_lightning.data.cache_dir import make_cache_folder
+from idc_lightning.data.cache_dir import writing_to
 from idc_lightning.data.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,10 @@ def build_cache(
         return _load(folder)
     started = time.perf_counter()
     partial = folder.with_name(f"{key}.partial-{os.getpid()}")
-    make_cache_folder(partial, cache_dir)
     shape = (len(manifest), patch_size, patch_size, 3)
-    np.memmap(partial / IMAGES_FILE, dtype=np.uint8, mode="w+", shape=shape).flush()
+    with writing_to(cache_dir):
+        partial.mkdir(parents=True, exist_ok=True)
+        np.memmap(partial / IMAGES_FILE, dtype=np.uint8, mode="w+", shape=shape).flush()
     root = Path(root)
     tasks = [
         (str(partial / IMAGES_FILE), shape, group.index.to_numpy(), _copies(root, group))

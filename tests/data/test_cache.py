@@ -175,7 +175,7 @@ def test_a_read_only_cache_dir_names_the_setting_and_a_saved_cache_is_still_reus
     again, _ = build_manifest(odd_tree, cache_dir)
     assert np.array_equal(build_cache(again, odd_tree, cache_dir, workers=1).images, packed.images)
     write(odd_tree / "9000/0/9000_idx5_x301_y1_class0.png", np.zeros((50, 50, 3), np.uint8))
-    with pytest.raises(CacheDirNotWritableError, match=rf"paths.cache_dir={cache_dir} .*IDC_CACHE_DIR"):
+    with pytest.raises(CacheDirNotWritableError, match=rf"cache folder {cache_dir} .*paths.cache_dir=.*IDC_CACHE_DIR"):
         build_manifest(odd_tree, cache_dir)
     with pytest.raises(CacheDirNotWritableError, match="Read-only file system"):
         build_cache(scan_tree(odd_tree, exclude=cache_dir)[0], odd_tree, cache_dir, workers=1)

@@ -28,7 +28,9 @@ def test_decay_fraction_holds_the_final_rate_for_weight_averaging() -> None:
     rates = learning_rates(100, warmup_fraction=0.05, final_lr_fraction=0.25, decay_fraction=0.4)
     assert rates[20] > 0.5 and rates[39] > 0.25
     assert rates[40:] == pytest.approx([0.25] * 60)
-    with pytest.raises(ValueError, match="decay_fraction"):
+    assert learning_rates(3, warmup_fraction=0.05, final_lr_fraction=0.25, decay_fraction=0.4) == pytest.approx(
+        [1.0, 1.0, 0.25])
+    with pytest.raises(ValueError, match="decay_fraction=0.0"):
         learning_rates(10, decay_fraction=0.0)
-    with pytest.raises(ValueError, match="warmup_fraction"):
+    with pytest.raises(ValueError, match="warmup_fraction=0.5"):
         learning_rates(10, warmup_fraction=0.5, decay_fraction=0.4)
