@@ -26,8 +26,8 @@ UNLABELLED = -1
 CLASS_FOLDERS = ("0", "1")
 # size and mtime_ns say which version of the file the row describes: a cache keyed on them sees rewrites.
 MANIFEST_COLUMNS = ["patient_id", "x", "y", "label", "path", "size", "mtime_ns"]
-# Bump when the saved manifest's columns change, so manifests saved by an older version are rescanned.
-MANIFEST_FORMAT = 2
+# Bump when the saved manifest's columns or parsing rules change, so manifests saved by an older version are rescanned.
+MANIFEST_FORMAT = 3
 # The zip repeats the whole tree under this folder: the same files twice.
 DUPLICATE_TREE = "IDC_regular_ps50_idx5"
 # How deep patch files lie below the zip's top level: IDC_regular_ps50_idx5/<patient_id>/<class>/<patch>.png
