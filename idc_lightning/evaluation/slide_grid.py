@@ -30,11 +30,11 @@ class GridGeometry:
 def grid_geometry(x: np.ndarray, y: np.ndarray, step: int | None = None) -> GridGeometry:
     """Derive the grid from the offsets, so neither the 50-px step nor Kaggle's +1 origin is assumed.
 
-    The step is the gcd of the spacings between neighbouring columns and rows (25 for stride-25 predictions;
-    `grid_step`). The origin is the offsets' smallest residue modulo the step, not their minimum, so cells stay
-    slide-absolute: with origin 1 and step 50, x=501 is column 10 whichever other patches the patient has. A patch
-    off the grid, or with an explicit step coarser than the data, shares the cell starting at or before it, and
-    patches sharing a cell are averaged by `value_grid`.
+    The step comes from the spacings between neighbouring columns and rows (25 for stride-25 predictions;
+    `grid_step` keeps a few stray files from shrinking it). The origin is the offsets' smallest residue modulo the
+    step, not their minimum, so cells stay slide-absolute: with origin 1 and step 50, x=501 is column 10 whichever
+    other patches the patient has. A patch off the grid, or with an explicit step coarser than the data, shares the
+    cell starting at or before it, and patches sharing a cell are averaged by `value_grid`.
     """
     x = np.asarray(x, dtype=np.int64)
     y = np.asarray(y, dtype=np.int64)
