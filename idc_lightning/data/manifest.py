@@ -94,7 +94,7 @@ def _walk_files(root: Path, exclude: Path | str | None = None) -> list[TreeFile]
     with progress_bar(f"Scanning {root}", total=None) as advance:
         while stack:
             rel_dir = stack.pop()
-            if not _unseen([str(root / rel_dir)], seen):
+            if not _first_visit(root / rel_dir, seen):
                 continue
             before = len(found)
             with os.scandir(root / rel_dir) as entries:
@@ -117,7 +117,7 @@ def holds_patches(folder: Path) -> bool:
     seen: set[tuple[int, int]] = set()
     for _ in range(KAGGLE_DEPTH + 1):
         below: list[str] = []
-        for directory in _unseen(level, seen):
+        for directory in filter(lambda folder: _first_visit(folder, seen), level):
             with os.scandir(directory) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=True):
@@ -128,15 +128,14 @@ def holds_patches(folder: Path) -> bool:
     return False
 
 
-def _unseen(directories: list[str], seen: set[tuple[int, int]]) -> list[str]:
-    """The directories not visited yet (by device and inode), so a symlink back up the tree is walked once."""
-    fresh = []
-    for directory in directories:
-        stat = os.stat(directory)
-        if (stat.st_dev, stat.st_ino) not in seen:
-            seen.add((stat.st_dev, stat.st_ino))
-            fresh.append(directory)
-    return fresh
+def _first_visit(directory: Path | str, seen: set[tuple[int, int]]) -> bool:
+    """Records the directory (by device and inode): a symlink back up the tree is walked once, not forever."""
+    stat = os.stat(directory)
+    key = (stat.st_dev, stat.st_ino)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
 
 
 def _excluded_folder(folder: Path | str | None) -> str | None:
