@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The recipe screen of docs/results.md: each variant is `+experiment=real_cv` on the first 3 of its 5 folds
 # (validation patients only decide; the fixed test patients are reported, never used to choose). `base` is
-# real_cv as first screened, with the plain shuffle (data.sampler=random); each variant makes one change to it.
+# real_cv as first screened: the plain shuffle (data.sampler=random), no weight averaging (callbacks=default) and
+# each patch alone (model.context_sigma=0), which later runs adopted; each variant makes one change to it.
 #   bash benchmarks/real_recipe_screen.sh DATA_ROOT OUT_DIR [VARIANT ...]
 # Each variant writes OUT_DIR/<variant>/summary.md; a variant whose summary exists is skipped (rerun-safe).
 set -euo pipefail
@@ -34,6 +35,8 @@ for name in "${order[@]}"; do
   [ -f "$out/$name/summary.md" ] && { echo "skip $name: $out/$name/summary.md exists"; continue; }
   overrides=${variants[$name]}
   [[ $overrides == *data.sampler=* ]] || overrides="data.sampler=random $overrides"
+  [[ $overrides == *callbacks=* ]] || overrides="callbacks=default $overrides"
+  overrides="model.context_sigma=0 $overrides"
   start=$(date +%s)
   # shellcheck disable=SC2086  # the variant is a list of overrides
   "$python" -m idc_lightning.train +experiment=real_cv data.root="$root" trainer.max_epochs="$epochs" \

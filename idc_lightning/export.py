@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from idc_lightning.builders import print_config_tree
 from idc_lightning.callbacks.sweep_summary import ensemble_results
 from idc_lightning.checkpoints import EnsembleCheckpoint, RunCheckpoint, read_model_checkpoint
 from idc_lightning.model_card import write_model_card
@@ -87,6 +88,8 @@ def card_metrics(ckpt_path: Any, checkpoint: RunCheckpoint | EnsembleCheckpoint,
 def export(cfg: DictConfig) -> Path:
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r}: use one of {', '.join(FORMATS)}")
+    if cfg.extras.print_config:
+        print_config_tree(cfg)
     checkpoint = read_model_checkpoint(cfg.ckpt_path)
     pre = checkpoint.preprocessing
     module = ExportedClassifier(checkpoint.model(), pre).eval()

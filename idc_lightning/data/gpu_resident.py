@@ -1,4 +1,4 @@
-"""`data.loader: gpu_resident`: keep the whole packed cache on the device and index batches there.
+"""`data.loader: gpu_resident`: keep the split's patches on the device and index batches there.
 
 50x50x3 uint8 patches are 7.5 kB each, so even the full set (~2.1 GB) fits on one GPU; batches are then a
 single gather with no workers, pinned memory or host-to-device copies. Indices are drawn on the CPU from a

@@ -42,7 +42,7 @@ def build_resnet18(pretrained: bool | str = True, adapt_stem: bool = False) -> n
     """ResNet-18 without its classifier (fc = Identity, 512 features).
 
     adapt_stem keeps the pretrained 7x7 kernel but drops its stride and the max-pool, so a 50-px patch keeps
-    a 13x13 map at layer1 instead of 13 px shrinking to 2x2 by layer4.
+    a 50x50 map at layer1 and 7x7 at layer4, instead of 13x13 and 2x2.
     """
     model = resnet18(weights=None)
     if pretrained is True:
