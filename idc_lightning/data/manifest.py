@@ -117,7 +117,9 @@ def holds_patches(folder: Path) -> bool:
     seen: set[tuple[int, int]] = set()
     for _ in range(KAGGLE_DEPTH + 1):
         below: list[str] = []
-        for directory in filter(lambda folder: _first_visit(folder, seen), level):
+        for directory in level:
+            if not _first_visit(directory, seen):
+                continue
             with os.scandir(directory) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=True):
