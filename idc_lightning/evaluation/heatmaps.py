@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
@@ -24,6 +25,10 @@ from idc_lightning.preprocessing import PATCH_SIZE
 
 PROB_CMAP = "inferno"
 OVERLAY_ALPHA = 0.6
+FIGURE_DPI = 100
+# Longest side a slide image is drawn at: a panel is at most ~1,100 px wide in the saved PNG, so larger
+# thumbnails (a 74 x 74-cell slide is 3,700 px) only slow savefig down (and alias under nearest sampling).
+MAX_DRAWN_SIDE = 1200
 PATCH_COLUMNS = ("patient_id", "x", "y", "prob")
 PANEL_TITLES = {
     "slide": "slide rebuilt from its patches",
@@ -67,7 +72,9 @@ def render_patient_heatmap(
     without it the grid is stretched over the thumbnail. A bare Figure keeps pyplot's global state untouched.
     """
     extent = _grid_extent(prob_grid.shape, thumbnail, geometry, patch_size)
-    background = _faded(thumbnail) if thumbnail is not None else None
+    drawn = _shrunk(thumbnail) if thumbnail is not None else None
+    background = _faded(drawn) if drawn is not None else None
+    slide_extent = _pixel_extent(thumbnail) if thumbnail is not None else None
     panels = ["slide"] * (thumbnail is not None) + ["prob"] + ["label"] * (label_grid is not None)
     left, right, bottom, top = _view_box(extent, thumbnail)
     aspect = min(max((right - left) / (bottom - top), 0.5), 2.5)
@@ -80,9 +87,9 @@ def render_patient_heatmap(
     for letter, ax, panel in zip("abc", axes, panels, strict=False):
         ax.set_title(f"({letter}) {PANEL_TITLES[panel]}")
         if panel == "slide":
-            ax.imshow(thumbnail, extent=_pixel_extent(thumbnail), interpolation="nearest")
+            ax.imshow(drawn, extent=slide_extent, interpolation="nearest")
         else:
-            overlay = _draw_overlay(ax, layers[panel], background, extent)
+            overlay = _draw_overlay(ax, layers[panel], background, slide_extent, extent)
     axes[0].set_xlim(left, right)
     axes[0].set_ylim(bottom, top)
     for ax in axes:
@@ -93,16 +100,20 @@ def render_patient_heatmap(
     fig.suptitle(_title(patient_id, metrics))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, facecolor="white", bbox_inches="tight")
+    fig.savefig(path, dpi=FIGURE_DPI, facecolor="white", bbox_inches="tight")
     return path
 
 
 def _draw_overlay(
-    ax: Axes, grid: np.ndarray, background: np.ndarray | None, extent: tuple[float, float, float, float]
+    ax: Axes,
+    grid: np.ndarray,
+    background: np.ndarray | None,
+    slide_extent: tuple[float, float, float, float] | None,
+    extent: tuple[float, float, float, float],
 ) -> AxesImage:
     """Grid on a fixed 0-1 scale over the faded slide; NaN cells (glass) masked, hence fully transparent."""
     if background is not None:
-        ax.imshow(background, extent=_pixel_extent(background), interpolation="nearest")
+        ax.imshow(background, extent=slide_extent, interpolation="nearest")
     return ax.imshow(
         np.ma.masked_invalid(grid),
         cmap=colormaps[PROB_CMAP].with_extremes(bad=(0.0, 0.0, 0.0, 0.0)),
@@ -112,6 +123,15 @@ def _draw_overlay(
         extent=extent,
         interpolation="nearest",
     )
+
+
+def _shrunk(image: np.ndarray) -> np.ndarray:
+    """The image at no more than MAX_DRAWN_SIDE px a side, area-averaged; drawn over its full-size extent."""
+    scale = MAX_DRAWN_SIDE / max(image.shape[:2])
+    if scale >= 1:
+        return image
+    size = (max(round(image.shape[1] * scale), 1), max(round(image.shape[0] * scale), 1))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 def _faded(thumbnail: np.ndarray) -> np.ndarray:

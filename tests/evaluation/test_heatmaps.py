@@ -8,7 +8,7 @@ import pytest
 from matplotlib.axes import Axes
 from PIL import Image
 
-from idc_lightning.evaluation.heatmaps import dice, render_patient_heatmap, write_patient_heatmaps
+from idc_lightning.evaluation.heatmaps import MAX_DRAWN_SIDE, dice, render_patient_heatmap, write_patient_heatmaps
 from idc_lightning.evaluation.slide_grid import GridGeometry, cell_index, grid_geometry, slide_thumbnail, value_grid
 
 KAGGLE_NAME = re.compile(r"(?P<pid>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$")
@@ -128,6 +128,27 @@ def test_dice(pred: list, truth: list, expected: float) -> None:
 def test_dice_rejects_masks_of_different_shapes() -> None:
     with pytest.raises(ValueError, match="one shape"):
         dice(np.zeros(3, dtype=bool), np.zeros(4, dtype=bool))
+
+
+def test_a_large_slide_is_drawn_small_over_its_full_extent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 80 x 40 cells of 50 px: a 4,000 x 2,000 px slide, more pixels than its panels of the PNG have.
+    rows, cols = 40, 80
+    geometry = GridGeometry(origin_x=0, origin_y=0, step=50, rows=rows, cols=cols)
+    thumbnail = np.full((rows * 50, cols * 50, 3), 240, dtype=np.uint8)
+    thumbnail[:, : cols * 25] = 40  # left half dark tissue
+    drawn = []
+    imshow = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda ax, *a, **k: drawn.append(imshow(ax, *a, **k)) or drawn[-1])
+    render_patient_heatmap("p", thumbnail, np.zeros((rows, cols)), None, {}, tmp_path / "p.png", geometry=geometry)
+    slide, background, prob_layer = drawn
+    for image in (slide, background):
+        pixels = image.get_array()
+        assert max(pixels.shape[:2]) == MAX_DRAWN_SIDE and pixels.shape[1] == 2 * pixels.shape[0]
+        assert image.get_extent() == [0.0, 4000.0, 2000.0, 0.0]  # still placed in slide pixels
+    # Area-averaged, not subsampled: the dark half stays the left half of the drawn slide.
+    half = slide.get_array().shape[1] // 2
+    assert (slide.get_array()[:, :half] == 40).all() and (slide.get_array()[:, half:] == 240).all()
+    assert prob_layer.get_extent() == [0.0, 4000.0, 2000.0, 0.0]
 
 
 def test_render_writes_a_readable_png(tmp_path: Path) -> None:
