@@ -37,7 +37,7 @@ from idc_lightning.data.splits import (
     unseen_patients_split,
 )
 from idc_lightning.data.stain import MACENKO_REFERENCE
-from idc_lightning.data.synthetic import TREE, SyntheticSlides, TruthMasks
+from idc_lightning.data.synthetic import TREE, SyntheticSlides, TruthMasks, is_synthetic_tree
 from idc_lightning.data.transforms import eval_transform, train_transform
 from idc_lightning.interfaces import TruthSource
 from idc_lightning.preprocessing import IMAGENET_MEAN, IMAGENET_STD, KAGGLE_MICRONS_PER_PIXEL, PATCH_SIZE, Preprocessing
@@ -139,7 +139,9 @@ class IDCDataModule(L.LightningDataModule):
                              "not such a folder; read existing patches with data=kaggle data.root=PATH instead")
         self.synthetic = synthetic
         self.seen_patients = None if seen_patients is None else {str(p) for p in seen_patients}
-        self.truth: TruthSource | None = TruthMasks(self.root.parent, patch_size) if synthetic is not None else None
+        # A generated set read as data=kaggle (eval, predict) keeps its masks, so its heatmaps keep their Dice.
+        has_masks = synthetic is not None or is_synthetic_tree(self.root)
+        self.truth: TruthSource | None = TruthMasks(self.root.parent, patch_size) if has_masks else None
         self.batch_augment = BatchAugment(self.augment, image_size, self.preprocessing.mean, self.preprocessing.std)
         self.report: ManifestReport | None = None
         self.cache: PatchCache | None = None

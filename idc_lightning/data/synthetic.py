@@ -167,6 +167,12 @@ def read_truth_mask(out_dir: Path, patient_id: str) -> np.ndarray:
     return mask > 127
 
 
+def is_synthetic_tree(root: Path) -> bool:
+    """Whether root is the patch tree of a complete generated set: then its truth masks lie beside it."""
+    root = Path(root)
+    return root.name == TREE and (root.parent / MARKER).is_file()
+
+
 @dataclass(frozen=True)
 class TruthMasks:
     """Per-patch ground truth from a synthetic set's annotated masks: what the heatmaps' Dice is measured on.

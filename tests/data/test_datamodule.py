@@ -150,6 +150,19 @@ def test_truth_masks_agree_with_labels(datamodule: IDCDataModule) -> None:
     assert truth is not None and (truth == rows.label.astype(bool)).mean() > 0.9
 
 
+def test_a_generated_tree_read_as_kaggle_keeps_its_truth_but_a_copy_of_its_patches_has_none(
+    make_cfg, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    source = next(tiny_data_dir.glob("synthetic_*/IDC_regular_ps50_idx5"))
+    as_kaggle = instantiate(make_cfg("train", ["data=kaggle", f"data.root={source}"]).data)
+    frame = pd.DataFrame({"x": [1], "y": [1]})
+    patient = next(path.name for path in source.iterdir() if path.is_dir())
+    assert as_kaggle.truth is not None and as_kaggle.truth(patient, frame) is not None
+    copy = tmp_path / "copy" / "IDC_regular_ps50_idx5"
+    shutil.copytree(source / patient, copy / patient)
+    assert instantiate(make_cfg("train", ["data=kaggle", f"data.root={copy}"]).data).truth is None
+
+
 def test_unlabelled_patches_are_left_out_of_the_splits(tmp_path: Path, tiny_data_dir: Path) -> None:
     source = next(tiny_data_dir.glob("synthetic_*/IDC_regular_ps50_idx5"))
     root = tmp_path / "root"
