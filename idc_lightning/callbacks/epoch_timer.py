@@ -46,7 +46,9 @@ class EpochTimer(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._patches += extract_batch_size(batch)
-        self._last_batch_ended = _now(module)
+        # Waiting for the device after every batch would stall its queue: only the epoch's last batch is synced.
+        last = batch_idx + 1 >= trainer.num_training_batches
+        self._last_batch_ended = _now(module) if last else time.perf_counter()
 
     def on_validation_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._val_started = _now(module)
