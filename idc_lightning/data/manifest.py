@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from idc_lightning.data.cache_dir import writing_to
@@ -27,7 +28,7 @@ CLASS_FOLDERS = ("0", "1")
 # size and mtime_ns say which version of the file the row describes: a cache keyed on them sees rewrites.
 MANIFEST_COLUMNS = ["patient_id", "x", "y", "label", "path", "size", "mtime_ns"]
 # Bump when the saved manifest's columns or parsing rules change, so manifests saved by an older version are rescanned.
-MANIFEST_FORMAT = 3
+MANIFEST_FORMAT = 4
 # The zip repeats the whole tree under this folder: the same files twice.
 DUPLICATE_TREE = "IDC_regular_ps50_idx5"
 # How deep patch files lie below the zip's top level: IDC_regular_ps50_idx5/<patient_id>/<class>/<patch>.png
@@ -49,12 +50,14 @@ class ManifestReport:
     duplicates: int = 0
     ignored: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    # Entries the walk could not read or follow (a folder without permission, a broken link, a non-UTF-8 name).
+    unread: list[dict[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
             f"{self.patches} patches of {self.patients} patients from {self.files_seen} files under {self.root}; "
             f"{self.duplicates} duplicate copies merged, {len(self.skipped)} skipped by name or folder, "
-            f"{len(self.ignored)} non-patch files ignored"
+            f"{len(self.ignored)} non-patch files ignored, {len(self.unread)} files or folders not read"
         )
 
 
@@ -62,10 +65,12 @@ def unused_files(report: ManifestReport | None, undecodable: pd.DataFrame) -> pd
     """Files under data.root that no patch comes from: (path relative to the root, kind, reason)."""
     ignored = report.ignored if report is not None else []
     by_name = report.skipped if report is not None else []
+    unread = report.unread if report is not None else []
     frames = [
         pd.DataFrame({"path": ignored, "kind": "not a patch name",
                       "reason": "the name is not <patient>_idx5_x<X>_y<Y>_class<0|1>.png"}),
         pd.DataFrame(by_name, columns=["path", "reason"]).assign(kind="patch skipped by name"),
+        pd.DataFrame(unread, columns=["path", "reason"]).assign(kind="not read"),
         undecodable[["path", "reason"]].assign(kind="undecodable patch"),
     ]
     return pd.concat(frames, ignore_index=True)[["path", "kind", "reason"]]
@@ -85,10 +90,34 @@ def missing_data_message(root: Path, problem: str) -> str:
 TreeFile = tuple[str, str, int, int]
 
 
-def _walk_files(root: Path, exclude: Path | str | None = None) -> list[TreeFile]:
+@dataclass
+class TreeListing:
+    """What a walk found: the files it can read, and each entry it could not, with the reason and what to do."""
+
+    files: list[TreeFile] = field(default_factory=list)
+    unread: list[dict[str, str]] = field(default_factory=list)
+
+    def not_read(self, rel_path: str, reason: str) -> None:
+        self.unread.append({"path": printable(rel_path), "reason": reason})
+
+
+def printable(path: str) -> str:
+    """The path with any byte that is not UTF-8 shown as U+FFFD: such names cannot be written to CSV or parquet."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _walk_files(root: Path, exclude: Path | str | None = None) -> TreeListing:
     """Every file under root, except inside `exclude`; os.scandir's entries make the stat about 3 µs a file."""
     excluded = _excluded_folder(exclude)
-    found: list[TreeFile] = []
+    listing = TreeListing()
     stack = [""]
     seen: set[tuple[int, int]] = set()
     with progress_bar(f"Scanning {root}", total=None) as advance:
@@ -96,18 +125,34 @@ def _walk_files(root: Path, exclude: Path | str | None = None) -> list[TreeFile]
             rel_dir = stack.pop()
             if not _first_visit(root / rel_dir, seen):
                 continue
-            before = len(found)
-            with os.scandir(root / rel_dir) as entries:
-                for entry in entries:
-                    rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-                    if entry.is_dir(follow_symlinks=True):
-                        if not _is_excluded(entry.path, excluded):
-                            stack.append(rel)
-                    elif entry.is_file(follow_symlinks=True):
-                        stat = entry.stat(follow_symlinks=True)
-                        found.append((rel_dir, entry.name, stat.st_size, stat.st_mtime_ns))
-            advance(len(found) - before)
-    return found
+            before = len(listing.files)
+            try:
+                with os.scandir(root / rel_dir) as entries:
+                    for entry in entries:
+                        _list_entry(entry, rel_dir, excluded, stack, listing)
+            except OSError as error:
+                listing.not_read(rel_dir or ".", f"folder could not be read ({error.strerror}): fix its "
+                                                  "permissions, or move it out of data.root")
+            advance(len(listing.files) - before)
+    return listing
+
+
+def _list_entry(entry: os.DirEntry, rel_dir: str, excluded: str | None, stack: list[str],
+                listing: TreeListing) -> None:
+    rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+    if not _is_utf8(entry.name):
+        listing.not_read(rel, "the name is not valid UTF-8: rename it (a folder's files are not read either)")
+    elif entry.is_dir(follow_symlinks=True):
+        if not _is_excluded(entry.path, excluded):
+            stack.append(rel)
+    elif entry.is_file(follow_symlinks=True):
+        stat = entry.stat(follow_symlinks=True)
+        listing.files.append((rel_dir, entry.name, stat.st_size, stat.st_mtime_ns))
+    elif entry.is_symlink():
+        listing.not_read(rel, f"broken symbolic link to {printable(os.readlink(entry.path))}: restore its "
+                              "target, or remove the link")
+    else:
+        listing.not_read(rel, "not a regular file (a device, pipe or socket)")
 
 
 def holds_patches(folder: Path) -> bool:
@@ -120,12 +165,15 @@ def holds_patches(folder: Path) -> bool:
         for directory in level:
             if not _first_visit(directory, seen):
                 continue
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=True):
-                        below.append(entry.path)
-                    elif PATCH_NAME.match(entry.name) and entry.is_file(follow_symlinks=True):
-                        return True
+            try:
+                with os.scandir(directory) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=True):
+                            below.append(entry.path)
+                        elif PATCH_NAME.match(entry.name) and entry.is_file(follow_symlinks=True):
+                            return True
+            except OSError:
+                continue  # unreadable: the manifest scan lists it as not read
         level = below
     return False
 
@@ -160,10 +208,10 @@ def scan_tree(root: Path, exclude: Path | str | None = None) -> tuple[pd.DataFra
     return _parse_files(root, _walk_files(root, exclude))
 
 
-def _parse_files(root: Path, files: list[TreeFile]) -> tuple[pd.DataFrame, ManifestReport]:
-    report = ManifestReport(root=str(root))
+def _parse_files(root: Path, listing: TreeListing) -> tuple[pd.DataFrame, ManifestReport]:
+    report = ManifestReport(root=str(root), unread=list(listing.unread))
     rows: list[tuple[str, int, int, int, str, int, int]] = []
-    for rel_dir, name, size, mtime_ns in files:
+    for rel_dir, name, size, mtime_ns in listing.files:
         report.files_seen += 1
         rel_path = f"{rel_dir}/{name}" if rel_dir else name
         match = PATCH_NAME.match(name)
@@ -172,6 +220,8 @@ def _parse_files(root: Path, files: list[TreeFile]) -> tuple[pd.DataFrame, Manif
             continue
         label = UNLABELLED if match["label"] is None else int(match["label"])
         folder = rel_dir.rsplit("/", 1)[-1]
+        if label == UNLABELLED and folder in CLASS_FOLDERS:
+            label = int(folder)  # a name without its class suffix, in a class folder: the folder is the label
         # Only a class folder can contradict the name: loose labelled patches keep the name's label.
         if label != UNLABELLED and folder in CLASS_FOLDERS and folder != str(label):
             report.skipped.append(
@@ -182,7 +232,11 @@ def _parse_files(root: Path, files: list[TreeFile]) -> tuple[pd.DataFrame, Manif
     frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     frame = _copies_in_the_sibling_tree(_merge_duplicate_copies(frame, report), root)
     if frame.empty:
-        raise DatasetNotFoundError(missing_data_message(root, "no IDC patch files found under data.root"))
+        problem = (f"no IDC patch files found under data.root ({report.files_seen} files seen, "
+                   f"{len(report.ignored)} without a patch name, {len(report.skipped)} skipped")
+        if report.unread:
+            problem += f"; {len(report.unread)} not read, e.g. {report.unread[0]['path']}: {report.unread[0]['reason']}"
+        raise DatasetNotFoundError(missing_data_message(root, problem + ")"))
     frame = frame.astype({"patient_id": str, "x": "int32", "y": "int32", "label": "int8", "path": str,
                           "size": "int64", "mtime_ns": "int64", "copy_path": str})
     frame = frame.sort_values(["patient_id", "y", "x"], ignore_index=True)
@@ -210,20 +264,24 @@ def _merge_duplicate_copies(frame: pd.DataFrame, report: ManifestReport) -> pd.D
 def _copies_in_the_sibling_tree(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
     """With data.root at the zip's IDC_regular_ps50_idx5/ (the default), the same files also lie one level up:
     those become the copies the cache reads when a file here is corrupt."""
-    if root.name != DUPLICATE_TREE or frame.empty or not (root.parent / frame["path"].iat[0]).is_file():
+    if root.name != DUPLICATE_TREE or frame.empty:
         return frame
-    alone = frame["copy_path"] == ""
+    # Checked per row (one stat each, on the first scan only): a patient may be missing from the upper tree.
+    upper = np.fromiter(((root.parent / path).is_file() for path in frame["path"]), dtype=bool, count=len(frame))
+    alone = (frame["copy_path"] == "").to_numpy() & upper
     return frame.assign(copy_path=frame["copy_path"].where(~alone, "../" + frame["path"]))
 
 
-def files_signature(root: Path, files: list[TreeFile]) -> str:
-    """Hash of every file's path, size and mtime: adding, removing, renaming or rewriting a file changes it.
+def files_signature(root: Path, listing: TreeListing) -> str:
+    """Hash of every file's path, size and mtime, and of what was not read: adding, removing, renaming or rewriting
+    a file changes it, and so does repairing a folder's permissions or a broken link.
 
     Folder mtimes alone miss a file rewritten in place under its old name (regenerated slides).
     """
     digest = hashlib.sha1(f"{MANIFEST_FORMAT}|{Path(root).resolve()}".encode())
-    lines = (f"{rel_dir}/{name}\0{size}\0{mtime_ns}\n" for rel_dir, name, size, mtime_ns in files)
+    lines = (f"{rel_dir}/{name}\0{size}\0{mtime_ns}\n" for rel_dir, name, size, mtime_ns in listing.files)
     digest.update("".join(lines).encode())
+    digest.update(json.dumps(listing.unread).encode())
     return digest.hexdigest()[:16]
 
 
@@ -239,13 +297,13 @@ def build_manifest(root: Path | str, cache_dir: Path | str | None = None) -> tup
         raise DatasetNotFoundError(missing_data_message(root, "data.root does not exist or is not a folder"))
     if cache_dir is None:
         return scan_tree(root)
-    files = _walk_files(root, exclude=cache_dir)
-    saved = Path(cache_dir) / "manifests" / files_signature(root, files)
+    listing = _walk_files(root, exclude=cache_dir)
+    saved = Path(cache_dir) / "manifests" / files_signature(root, listing)
     if (saved / "manifest.parquet").is_file() and (saved / "report.json").is_file():
         report = ManifestReport(**json.loads((saved / "report.json").read_text()))
         log.info("Reusing manifest %s", saved)
         return pd.read_parquet(saved / "manifest.parquet"), report
-    frame, report = _parse_files(root, files)
+    frame, report = _parse_files(root, listing)
     with writing_to(cache_dir):
         saved.mkdir(parents=True, exist_ok=True)
         frame.to_parquet(saved / "manifest.parquet", index=False)

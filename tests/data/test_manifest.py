@@ -103,3 +103,62 @@ def test_symlink_loops_are_walked_once(tmp_path: Path) -> None:
     (slides / "case1_files" / "loop2").symlink_to(slides / "case1_files")
     assert not holds_patches(slides)
     assert holds_patches(tmp_path / "data") and holds_patches(tmp_path)
+
+
+def test_what_the_walk_cannot_read_is_listed_and_the_rest_is_used(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    write_patch(tmp_path, "9000", 1, 1, 0)
+    write_patch(tmp_path, "9001", 1, 1, 1)
+    write_patch(tmp_path, "9002", 1, 1, 1)
+    with open(os.path.join(os.fsencode(tmp_path), b"notes_\xe9t\xe9.txt"), "wb") as stray:  # Latin-1 bytes
+        stray.write(b"x")
+    os.mkdir(os.path.join(os.fsencode(tmp_path / "9000"), b"r\xe9sum\xe9"))
+    (tmp_path / "9000" / "0" / "9000_idx5_x51_y1_class0.png").symlink_to(tmp_path / "gone.png")
+    locked = tmp_path / "9002" / "1"
+    scandir = os.scandir
+
+    def refuse_locked(path: os.PathLike | str = ".") -> object:
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)  # as root, chmod 000 does not stop a read
+    frame, report = build_manifest(tmp_path, tmp_path / "cache")
+    assert sorted(frame.patient_id) == ["9000", "9001"]
+    reasons = {entry["path"]: entry["reason"] for entry in report.unread}
+    assert sorted(reasons) == ["9000/0/9000_idx5_x51_y1_class0.png", "9000/r\ufffdsum\ufffd", "9002/1",
+                               "notes_\ufffdt\ufffd.txt"]
+    assert reasons["9002/1"].startswith("folder could not be read (Permission denied): fix its permissions")
+    assert "broken symbolic link" in reasons["9000/0/9000_idx5_x51_y1_class0.png"]
+    assert "not valid UTF-8: rename it" in reasons["notes_\ufffdt\ufffd.txt"]
+    assert "4 files or folders not read" in report.summary()
+    # Repairing the folder changes what the walk sees, so the saved manifest is not reused.
+    monkeypatch.setattr(os, "scandir", scandir)
+    repaired, _ = build_manifest(tmp_path, tmp_path / "cache")
+    assert sorted(repaired.patient_id) == ["9000", "9001", "9002"]
+
+
+def test_a_root_holding_only_unreadable_entries_says_so(tmp_path: Path) -> None:
+    (tmp_path / "9000_idx5_x1_y1_class0.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DatasetNotFoundError, match=r"0 files seen, .*1 not read, e\.g\. .*broken symbolic link"):
+        scan_tree(tmp_path)
+
+
+def test_a_name_without_its_class_takes_the_class_folder_as_label(tmp_path: Path) -> None:
+    write_patch(tmp_path, "9000", 1, 1, 0)
+    unnamed = write_patch(tmp_path, "9000", 51, 1, 1)
+    unnamed.rename(unnamed.with_name("9000_idx5_x51_y1.png"))
+    loose = write_patch(tmp_path, "9000", 101, 1, 1, folder="new")
+    loose.rename(loose.with_name("9000_idx5_x101_y1.png"))
+    frame, _ = scan_tree(tmp_path)
+    assert frame[["x", "label"]].values.tolist() == [[1, 0], [51, 1], [101, -1]]  # outside 0/1: unlabelled
+
+
+def test_only_patches_present_in_the_upper_tree_get_it_as_their_copy(tmp_path: Path) -> None:
+    root = tmp_path / "IDC_regular_ps50_idx5"
+    for tree in (tmp_path, root):
+        write_patch(tree, "9000", 1, 1, 0)
+    write_patch(root, "9083", 1, 1, 1)  # this patient is missing from the upper tree
+    frame, _ = scan_tree(root)
+    assert dict(zip(frame.patient_id, frame.copy_path, strict=True)) == {
+        "9000": "../9000/0/9000_idx5_x1_y1_class0.png", "9083": ""}
