@@ -30,6 +30,15 @@ class PatchDecodeError(ValueError):
     """A patch file that cannot become a patch_size x patch_size RGB array."""
 
 
+class PatchReadError(OSError):
+    """Patch files the operating system would not read (permissions, I/O): not cached as skipped, since a fixed
+    file keeps its size and mtime and a reused cache would skip it for ever."""
+
+
+# (position in the manifest, what went wrong) of each patch none of whose copies could be used.
+Failures = list[tuple[int, str]]
+
+
 @dataclass
 class PatchCache:
     """The packed pixels plus the manifest rows they belong to (`cache_index` = row in `images`)."""
@@ -94,25 +103,27 @@ def _decode_patient(
     patch_size: int,
     pad_value: int,
     stain_norm: str | None,
-) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+) -> tuple[Failures, Failures, Failures]:
     """Decode one patient's patches into its rows of the memmap, each from the first of its copies that decodes.
 
-    Returns (position, error) of the patches none of whose copies decode, and of those read from a later copy.
+    Returns the patches none of whose copies decode, those with a copy that could not be read at all, and those
+    read from a later copy.
     """
     cv2.setNumThreads(1)
     images = np.memmap(images_path, dtype=np.uint8, mode="r+", shape=shape)
-    decoded, kept, failures, from_copies = [], [], [], []
+    decoded, kept, failures, unread, from_copies = [], [], [], [], []
     for position, copies in zip(positions, paths, strict=True):
-        errors = []
+        errors, read_error = [], False
         for path in copies:
             try:
                 decoded.append(decode_patch(path, patch_size, pad_value))
                 kept.append(position)
                 break
             except (PatchDecodeError, OSError) as error:
+                read_error = read_error or isinstance(error, OSError)
                 errors.append(f"its copy {path}: {error}" if errors else str(error))
         else:
-            failures.append((int(position), "; ".join(errors)))
+            (unread if read_error else failures).append((int(position), "; ".join(errors)))
         if errors and len(errors) < len(copies):
             from_copies.append((int(position), errors[0]))
     if decoded:
@@ -123,7 +134,7 @@ def _decode_patient(
             batch = macenko_normalize(batch)
         images[np.asarray(kept)] = batch
     images.flush()
-    return failures, from_copies
+    return failures, unread, from_copies
 
 
 def _load(folder: Path) -> PatchCache:
@@ -178,12 +189,14 @@ def build_cache(
         for _, group in manifest.reset_index(drop=True).groupby("patient_id", sort=False)
     ]
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    failures: list[tuple[int, str]] = []
-    from_copies: list[tuple[int, str]] = []
+    failures: Failures = []
+    unread: Failures = []
+    from_copies: Failures = []
 
-    def collect(result: tuple[list[tuple[int, str]], list[tuple[int, str]]]) -> None:
+    def collect(result: tuple[Failures, Failures, Failures]) -> None:
         failures.extend(result[0])
-        from_copies.extend(result[1])
+        unread.extend(result[1])
+        from_copies.extend(result[2])
 
     with progress_bar(f"Packing patches into {folder}", total=len(manifest)) as advance:
         if workers <= 1 or len(manifest) < 500:
@@ -197,6 +210,9 @@ def build_cache(
                 for future in as_completed(futures):
                     collect(future.result())
                     advance(futures[future])
+    if unread:
+        shutil.rmtree(partial)
+        raise PatchReadError(_unread_message(manifest, sorted(unread)))
     failed = dict(sorted(failures))  # row order, whichever worker finished first
     rows = manifest.reset_index(drop=True).assign(cache_index=np.arange(len(manifest), dtype=np.int64))
     skipped = pd.DataFrame(
@@ -224,3 +240,10 @@ def build_cache(
                     "(%s) from %s", len(from_copies), manifest["path"].iat[position], error,
                     manifest["copy_path"].iat[position])
     return _load(folder)
+
+
+def _unread_message(manifest: pd.DataFrame, unread: Failures, shown: int = 5) -> str:
+    listed = "\n".join(f"  {manifest['path'].iat[position]}: {error}" for position, error in unread[:shown])
+    more = f"\n  ... and {len(unread) - shown} more" if len(unread) > shown else ""
+    return (f"{len(unread)} patch files could not be read:\n{listed}{more}\n"
+            "Nothing was cached. Fix their permissions (or remove them from data.root) and run again.")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idc_lightning.data.cache import build_cache, decode_patch
+from idc_lightning.data.cache import PatchReadError, build_cache, decode_patch
 from idc_lightning.data.cache_dir import CacheDirNotWritableError
 from idc_lightning.data.manifest import build_manifest, scan_tree
 
@@ -179,3 +179,27 @@ def test_a_read_only_cache_dir_names_the_setting_and_a_saved_cache_is_still_reus
         build_manifest(odd_tree, cache_dir)
     with pytest.raises(CacheDirNotWritableError, match="Read-only file system"):
         build_cache(scan_tree(odd_tree, exclude=cache_dir)[0], odd_tree, cache_dir, workers=1)
+
+
+def test_a_file_that_cannot_be_read_stops_the_build_by_name_and_nothing_is_cached(
+    odd_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest, _ = scan_tree(odd_tree)
+    locked = str(odd_tree / "9000/0/9000_idx5_x1_y1_class0.png")
+    fromfile = np.fromfile
+
+    def refuse_locked(path: str, *args: object, **kwargs: object) -> np.ndarray:
+        if str(path) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", locked)
+        return fromfile(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "fromfile", refuse_locked)  # as root, chmod 000 does not stop a read
+    with pytest.raises(PatchReadError, match="1 patch files could not be read") as refused:
+        build_cache(manifest, odd_tree, tmp_path / "cache", workers=1)
+    assert "9000/0/9000_idx5_x1_y1_class0.png: [Errno 13] Permission denied" in str(refused.value)
+    assert "Fix their permissions" in str(refused.value)
+    assert not list((tmp_path / "cache" / "patches").iterdir())
+    # Once it can be read (same size and mtime: the same cache key), the patch is packed, not skipped.
+    monkeypatch.setattr(np, "fromfile", fromfile)
+    cache = build_cache(manifest, odd_tree, tmp_path / "cache", workers=1)
+    assert locked.endswith(cache.rows.path.iat[0]) and len(cache.skipped) == 2
