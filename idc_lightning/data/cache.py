@@ -52,9 +52,12 @@ class PatchCache:
 def decode_patch(path: Path | str, patch_size: int = 50, pad_value: int = 255) -> np.ndarray:
     """RGB uint8 patch_size² array; slide-edge patches are padded bottom/right like glass background."""
     raw = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
+    if not raw.size:
+        raise PatchDecodeError("empty file (0 bytes): extract it from the zip again")
+    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise PatchDecodeError("not a decodable image (corrupt, truncated or empty file)")
+        raise PatchDecodeError(f"not a decodable image ({raw.size} bytes, corrupt or truncated): extract it from "
+                               "the zip again")
     if image.dtype != np.uint8:
         image = (image // 257).astype(np.uint8) if image.dtype == np.uint16 else image.astype(np.uint8)
     if image.ndim == 2:

@@ -93,7 +93,8 @@ def split_patients(
         raise SplitError(
             f"{len(patients)} patients cannot fill a patient-level split: at least {needed} are needed "
             f"({'test, ' if testing else ''}{'each of ' + str(num_folds) + ' folds' if num_folds else 'val and train'}"
-            "); add patients or reduce data.num_folds"
+            f"); add patients{' or reduce data.num_folds' if num_folds else ''}"
+            f"{', or set data.test_fraction=0 test=false' if testing else ''}"
         )
     if testing:
         held_out = stratified_assign(

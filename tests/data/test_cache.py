@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idc_lightning.data.cache import PatchReadError, build_cache, decode_patch
+from idc_lightning.data.cache import PatchDecodeError, PatchReadError, build_cache, decode_patch
 from idc_lightning.data.cache_dir import CacheDirNotWritableError
 from idc_lightning.data.manifest import build_manifest, scan_tree
 
@@ -34,6 +34,15 @@ def odd_tree(tmp_path: Path) -> Path:
     good = root / "9000/0/9000_idx5_x1_y1_class0.png"
     (root / "9000/0/9000_idx5_x251_y1_class0.png").write_bytes(good.read_bytes()[:40])
     return root
+
+
+def test_an_empty_and_a_truncated_file_say_which_they_are(tmp_path: Path) -> None:
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
+    with pytest.raises(PatchDecodeError, match=r"empty file \(0 bytes\): extract it from the zip again"):
+        decode_patch(tmp_path / "empty.png")
+    with pytest.raises(PatchDecodeError, match=r"38 bytes, corrupt or truncated\): extract it"):
+        decode_patch(tmp_path / "cut.png")
 
 
 def test_decode_normalises_modes_and_pads_edges(odd_tree: Path) -> None:

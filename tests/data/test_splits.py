@@ -50,9 +50,10 @@ def test_folds_rotate_validation_over_a_fixed_test_set() -> None:
 
 
 def test_too_few_patients_is_a_clear_error() -> None:
-    with pytest.raises(SplitError, match="2 patients cannot fill"):
+    with pytest.raises(SplitError, match="2 patients cannot fill") as no_folds:
         split_patients(manifest_of(2))
-    with pytest.raises(SplitError, match="5 patients cannot fill.*at least 6"):
+    assert "num_folds" not in str(no_folds.value) and "data.test_fraction=0 test=false" in str(no_folds.value)
+    with pytest.raises(SplitError, match="5 patients cannot fill.*at least 6.*reduce data.num_folds"):
         split_patients(manifest_of(5), num_folds=5)
 
 
