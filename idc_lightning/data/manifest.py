@@ -19,7 +19,8 @@ from idc_lightning.data.progress import progress_bar
 log = logging.getLogger(__name__)
 
 KAGGLE_DATASET_ID = "paultimothymooney/breast-histopathology-images"
-# New, unlabelled slides for predict may drop the class suffix: their label is UNLABELLED.
+# New, unlabelled slides for predict may drop the class suffix: their label is UNLABELLED, unless the file lies in
+# the Kaggle class folder <pid>/<0|1>/.
 PATCH_NAME = re.compile(
     r"^(?P<pid>[^_/]+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)(?:_class(?P<label>[01]))?\.png$", re.IGNORECASE
 )
@@ -123,10 +124,10 @@ def _walk_files(root: Path, exclude: Path | str | None = None) -> TreeListing:
     with progress_bar(f"Scanning {root}", total=None) as advance:
         while stack:
             rel_dir = stack.pop()
-            if not _first_visit(root / rel_dir, seen):
-                continue
             before = len(listing.files)
             try:
+                if not _first_visit(root / rel_dir, seen):
+                    continue
                 with os.scandir(root / rel_dir) as entries:
                     for entry in entries:
                         _list_entry(entry, rel_dir, excluded, stack, listing)
@@ -139,7 +140,16 @@ def _walk_files(root: Path, exclude: Path | str | None = None) -> TreeListing:
 
 def _list_entry(entry: os.DirEntry, rel_dir: str, excluded: str | None, stack: list[str],
                 listing: TreeListing) -> None:
+    """One entry into the listing; an entry that cannot be followed is listed alone, its folder still read."""
     rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+    try:
+        _classify_entry(entry, rel, rel_dir, excluded, stack, listing)
+    except OSError as error:
+        listing.not_read(rel, f"could not be followed ({error.strerror}): repair or remove it")
+
+
+def _classify_entry(entry: os.DirEntry, rel: str, rel_dir: str, excluded: str | None, stack: list[str],
+                    listing: TreeListing) -> None:
     if not _is_utf8(entry.name):
         listing.not_read(rel, "the name is not valid UTF-8: rename it (a folder's files are not read either)")
     elif entry.is_dir(follow_symlinks=True):
@@ -163,19 +173,28 @@ def holds_patches(folder: Path) -> bool:
     for _ in range(KAGGLE_DEPTH + 1):
         below: list[str] = []
         for directory in level:
-            if not _first_visit(directory, seen):
-                continue
             try:
+                if not _first_visit(directory, seen):
+                    continue
                 with os.scandir(directory) as entries:
                     for entry in entries:
-                        if entry.is_dir(follow_symlinks=True):
-                            below.append(entry.path)
-                        elif PATCH_NAME.match(entry.name) and entry.is_file(follow_symlinks=True):
+                        if _is_patch_or_folder(entry, below):
                             return True
             except OSError:
                 continue  # unreadable: the manifest scan lists it as not read
         level = below
     return False
+
+
+def _is_patch_or_folder(entry: os.DirEntry, folders: list[str]) -> bool:
+    """True for a patch file; a folder goes into `folders`; an entry that cannot be followed is passed over."""
+    try:
+        if entry.is_dir(follow_symlinks=True):
+            folders.append(entry.path)
+            return False
+        return bool(PATCH_NAME.match(entry.name)) and entry.is_file(follow_symlinks=True)
+    except OSError:
+        return False
 
 
 def _first_visit(directory: Path | str, seen: set[tuple[int, int]]) -> bool:
@@ -219,9 +238,10 @@ def _parse_files(root: Path, listing: TreeListing) -> tuple[pd.DataFrame, Manife
             report.ignored.append(rel_path)
             continue
         label = UNLABELLED if match["label"] is None else int(match["label"])
-        folder = rel_dir.rsplit("/", 1)[-1]
-        if label == UNLABELLED and folder in CLASS_FOLDERS:
-            label = int(folder)  # a name without its class suffix, in a class folder: the folder is the label
+        parents = [root.name, *rel_dir.split("/")] if rel_dir else [root.name]
+        folder = parents[-1] if rel_dir else ""
+        if label == UNLABELLED and folder in CLASS_FOLDERS and parents[-2] == match["pid"]:
+            label = int(folder)  # <pid>/<0|1>/ without the class suffix: the Kaggle class folder is the label
         # Only a class folder can contradict the name: loose labelled patches keep the name's label.
         if label != UNLABELLED and folder in CLASS_FOLDERS and folder != str(label):
             report.skipped.append(

@@ -114,28 +114,42 @@ def test_what_the_walk_cannot_read_is_listed_and_the_rest_is_used(tmp_path: Path
         stray.write(b"x")
     os.mkdir(os.path.join(os.fsencode(tmp_path / "9000"), b"r\xe9sum\xe9"))
     (tmp_path / "9000" / "0" / "9000_idx5_x51_y1_class0.png").symlink_to(tmp_path / "gone.png")
-    locked = tmp_path / "9002" / "1"
-    scandir = os.scandir
+    loop = tmp_path / "9001" / "1"
+    (loop / "a.png").symlink_to(loop / "b.png")
+    (loop / "b.png").symlink_to(loop / "a.png")
+    write_patch(tmp_path, "9003", 1, 1, 0)
+    locked, unsearchable = tmp_path / "9002" / "1", tmp_path / "9003" / "0"
+    scandir, stat = os.scandir, os.stat
 
     def refuse_locked(path: os.PathLike | str = ".") -> object:
         if Path(path) == locked:
             raise PermissionError(13, "Permission denied", str(path))
         return scandir(path)
 
-    monkeypatch.setattr(os, "scandir", refuse_locked)  # as root, chmod 000 does not stop a read
+    def refuse_unsearchable(path: os.PathLike | str, *args: object, **kwargs: object) -> os.stat_result:
+        if Path(path) == unsearchable:  # listed by its parent, but no stat inside it (mode r without x)
+            raise PermissionError(13, "Permission denied", str(path))
+        return stat(path, *args, **kwargs)
+
+    # As root, chmod does not stop a read: the refusals are emulated.
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    monkeypatch.setattr(os, "stat", refuse_unsearchable)
     frame, report = build_manifest(tmp_path, tmp_path / "cache")
-    assert sorted(frame.patient_id) == ["9000", "9001"]
+    assert sorted(frame.patient_id) == ["9000", "9001"]  # 9001's patch is kept beside the link loop
     reasons = {entry["path"]: entry["reason"] for entry in report.unread}
-    assert sorted(reasons) == ["9000/0/9000_idx5_x51_y1_class0.png", "9000/r\ufffdsum\ufffd", "9002/1",
-                               "notes_\ufffdt\ufffd.txt"]
+    assert sorted(reasons) == ["9000/0/9000_idx5_x51_y1_class0.png", "9000/r\ufffdsum\ufffd", "9001/1/a.png",
+                               "9001/1/b.png", "9002/1", "9003/0", "notes_\ufffdt\ufffd.txt"]
     assert reasons["9002/1"].startswith("folder could not be read (Permission denied): fix its permissions")
+    assert reasons["9003/0"].startswith("folder could not be read (Permission denied)")
+    assert "Too many levels of symbolic links" in reasons["9001/1/a.png"]
     assert "broken symbolic link" in reasons["9000/0/9000_idx5_x51_y1_class0.png"]
     assert "not valid UTF-8: rename it" in reasons["notes_\ufffdt\ufffd.txt"]
-    assert "4 files or folders not read" in report.summary()
-    # Repairing the folder changes what the walk sees, so the saved manifest is not reused.
+    assert "7 files or folders not read" in report.summary()
+    # Repairing the folders changes what the walk sees, so the saved manifest is not reused.
     monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "stat", stat)
     repaired, _ = build_manifest(tmp_path, tmp_path / "cache")
-    assert sorted(repaired.patient_id) == ["9000", "9001", "9002"]
+    assert sorted(repaired.patient_id) == ["9000", "9001", "9002", "9003"]
 
 
 def test_a_root_holding_only_unreadable_entries_says_so(tmp_path: Path) -> None:
@@ -150,8 +164,13 @@ def test_a_name_without_its_class_takes_the_class_folder_as_label(tmp_path: Path
     unnamed.rename(unnamed.with_name("9000_idx5_x51_y1.png"))
     loose = write_patch(tmp_path, "9000", 101, 1, 1, folder="new")
     loose.rename(loose.with_name("9000_idx5_x101_y1.png"))
+    batch = tmp_path / "new_slides" / "1" / "9000_idx5_x151_y1.png"  # a numbered folder, not <pid>/<class>
+    batch.parent.mkdir(parents=True)
+    batch.hardlink_to(loose.with_name("9000_idx5_x101_y1.png"))
     frame, _ = scan_tree(tmp_path)
-    assert frame[["x", "label"]].values.tolist() == [[1, 0], [51, 1], [101, -1]]  # outside 0/1: unlabelled
+    assert frame[["x", "label"]].values.tolist() == [[1, 0], [51, 1], [101, -1], [151, -1]]
+    one_patient, _ = scan_tree(tmp_path / "9000")  # data.root at the patient folder: its name is the pid
+    assert one_patient[["x", "label"]].values.tolist() == [[1, 0], [51, 1], [101, -1]]
 
 
 def test_only_patches_present_in_the_upper_tree_get_it_as_their_copy(tmp_path: Path) -> None:
