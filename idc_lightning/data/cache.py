@@ -23,6 +23,9 @@ from idc_lightning.data.progress import progress_bar
 log = logging.getLogger(__name__)
 
 IMAGES_FILE = "images.u8"
+# Bump when what a cache holds for the same input changes, so caches packed by an older version are rebuilt
+# (2: a read error is no longer cached as a skipped patch).
+CACHE_FORMAT = 2
 SKIPPED_FILE = "skipped.csv"
 
 
@@ -35,8 +38,8 @@ class PatchReadError(OSError):
     file keeps its size and mtime and a reused cache would skip it for ever."""
 
 
-# (position in the manifest, what went wrong) of each patch none of whose copies could be used.
-Failures = list[tuple[int, str]]
+# (position in the manifest, error text) per patch: those that failed, or those read from a later copy.
+RowErrors = list[tuple[int, str]]
 
 
 @dataclass
@@ -94,7 +97,7 @@ def cache_key(manifest: pd.DataFrame, patch_size: int, pad_value: int, stain_nor
         from idc_lightning.data.stain import STAIN_ESTIMATE_VERSION  # torch-free decode workers import this module
 
         stain += f"|v{STAIN_ESTIMATE_VERSION}"
-    digest.update(f"{patch_size}|{pad_value}|{stain}".encode())
+    digest.update(f"{CACHE_FORMAT}|{patch_size}|{pad_value}|{stain}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -106,7 +109,7 @@ def _decode_patient(
     patch_size: int,
     pad_value: int,
     stain_norm: str | None,
-) -> tuple[Failures, Failures, Failures]:
+) -> tuple[RowErrors, RowErrors, RowErrors]:
     """Decode one patient's patches into its rows of the memmap, each from the first of its copies that decodes.
 
     Returns the patches none of whose copies decode, those with a copy that could not be read at all, and those
@@ -123,7 +126,8 @@ def _decode_patient(
                 kept.append(position)
                 break
             except (PatchDecodeError, OSError) as error:
-                read_error = read_error or isinstance(error, OSError)
+                # A missing file is a stale manifest or copy path, not one the system refuses to read.
+                read_error = read_error or (isinstance(error, OSError) and not isinstance(error, FileNotFoundError))
                 errors.append(f"its copy {path}: {error}" if errors else str(error))
         else:
             (unread if read_error else failures).append((int(position), "; ".join(errors)))
@@ -192,11 +196,11 @@ def build_cache(
         for _, group in manifest.reset_index(drop=True).groupby("patient_id", sort=False)
     ]
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    failures: Failures = []
-    unread: Failures = []
-    from_copies: Failures = []
+    failures: RowErrors = []
+    unread: RowErrors = []
+    from_copies: RowErrors = []
 
-    def collect(result: tuple[Failures, Failures, Failures]) -> None:
+    def collect(result: tuple[RowErrors, RowErrors, RowErrors]) -> None:
         failures.extend(result[0])
         unread.extend(result[1])
         from_copies.extend(result[2])
@@ -239,13 +243,13 @@ def build_cache(
         )
     if from_copies:
         position, error = min(from_copies)
-        log.warning("%d patch files do not decode but their duplicate copies do, which were used instead, e.g. %s "
+        log.warning("%d patch files could not be used, so their duplicate copies were, e.g. %s "
                     "(%s) from %s", len(from_copies), manifest["path"].iat[position], error,
                     manifest["copy_path"].iat[position])
     return _load(folder)
 
 
-def _unread_message(manifest: pd.DataFrame, unread: Failures, shown: int = 5) -> str:
+def _unread_message(manifest: pd.DataFrame, unread: RowErrors, shown: int = 5) -> str:
     listed = "\n".join(f"  {manifest['path'].iat[position]}: {error}" for position, error in unread[:shown])
     more = f"\n  ... and {len(unread) - shown} more" if len(unread) > shown else ""
     return (f"{len(unread)} patch files could not be read:\n{listed}{more}\n"

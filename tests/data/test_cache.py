@@ -80,7 +80,7 @@ def test_a_corrupt_patch_is_read_from_its_duplicate_copy(odd_tree: Path, tmp_pat
     cache = build_cache(manifest, odd_tree, tmp_path / "cache", workers=1)
     rescued = cache.rows.set_index("x").loc[201]
     assert np.array_equal(cache.images[rescued["cache_index"]], fixed)
-    assert "1 patch files do not decode but their duplicate copies do" in caplog.text
+    assert "1 patch files could not be used, so their duplicate copies were" in caplog.text
     assert [Path(p).name for p in cache.skipped.path] == ["9000_idx5_x251_y1_class0.png"]
     reason = cache.skipped.reason.iat[0]
     assert reason.count("not a decodable image") == 2 and "its copy" in reason and "IDC_regular_ps50_idx5" in reason
@@ -212,3 +212,16 @@ def test_a_file_that_cannot_be_read_stops_the_build_by_name_and_nothing_is_cache
     monkeypatch.setattr(np, "fromfile", fromfile)
     cache = build_cache(manifest, odd_tree, tmp_path / "cache", workers=1)
     assert locked.endswith(cache.rows.path.iat[0]) and len(cache.skipped) == 2
+
+
+def test_a_corrupt_patch_whose_copy_is_gone_is_skipped_with_both_reasons(tmp_path: Path) -> None:
+    root = tmp_path / "IDC_regular_ps50_idx5"
+    write(tmp_path / "9000/1/9000_idx5_x1_y1_class1.png", np.full((50, 50, 3), 70, np.uint8))
+    (root / "9000/1").mkdir(parents=True)
+    (root / "9000/1/9000_idx5_x1_y1_class1.png").write_bytes(b"truncated")
+    write(root / "9000/0/9000_idx5_x51_y1_class0.png", np.full((50, 50, 3), 70, np.uint8))
+    manifest, _ = scan_tree(root)
+    (tmp_path / "9000/1/9000_idx5_x1_y1_class1.png").unlink()  # the upper tree deleted after the scan
+    cache = build_cache(manifest, root, tmp_path / "cache", workers=1)
+    (reason,) = cache.skipped["reason"]
+    assert "corrupt or truncated" in reason and "No such file or directory" in reason
