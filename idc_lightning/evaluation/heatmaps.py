@@ -26,9 +26,10 @@ from idc_lightning.preprocessing import PATCH_SIZE
 PROB_CMAP = "inferno"
 OVERLAY_ALPHA = 0.6
 FIGURE_DPI = 100
-# Longest side a slide image is drawn at: a panel is at most ~1,100 px wide in the saved PNG, so larger
-# thumbnails (a 74 x 74-cell slide is 3,700 px) only slow savefig down (and alias under nearest sampling).
-MAX_DRAWN_SIDE = 1200
+PANEL_HEIGHT_IN = 4.3  # axes height once titles and ticks are placed; the width follows the slide's aspect
+# A slide image is area-averaged down to twice its panel's pixels before drawing: a 74 x 74-cell slide's 3,700 px
+# in a 430 px panel only slow savefig down and alias under nearest sampling.
+DRAW_OVERSAMPLE = 2
 PATCH_COLUMNS = ("patient_id", "x", "y", "prob")
 PANEL_TITLES = {
     "slide": "slide rebuilt from its patches",
@@ -72,14 +73,14 @@ def render_patient_heatmap(
     without it the grid is stretched over the thumbnail. A bare Figure keeps pyplot's global state untouched.
     """
     extent = _grid_extent(prob_grid.shape, thumbnail, geometry, patch_size)
-    drawn = _shrunk(thumbnail) if thumbnail is not None else None
-    background = _faded(drawn) if drawn is not None else None
-    slide_extent = _pixel_extent(thumbnail) if thumbnail is not None else None
     panels = ["slide"] * (thumbnail is not None) + ["prob"] + ["label"] * (label_grid is not None)
     left, right, bottom, top = _view_box(extent, thumbnail)
     aspect = min(max((right - left) / (bottom - top), 0.5), 2.5)
-    # ~4.3 in of axes height once titles and ticks are placed; width follows the slide's aspect.
-    fig = Figure(figsize=(len(panels) * 4.3 * aspect + 1.6, 5.6))
+    panel_px = (PANEL_HEIGHT_IN * FIGURE_DPI, PANEL_HEIGHT_IN * aspect * FIGURE_DPI)
+    drawn = _shrunk(thumbnail, *(DRAW_OVERSAMPLE * side for side in panel_px)) if thumbnail is not None else None
+    background = _faded(drawn) if drawn is not None else None
+    slide_extent = _pixel_extent(thumbnail) if thumbnail is not None else None
+    fig = Figure(figsize=(len(panels) * PANEL_HEIGHT_IN * aspect + 1.6, 5.6))
     fig.set_layout_engine("constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), sharex=True, sharey=True, squeeze=False)[0]
@@ -125,9 +126,9 @@ def _draw_overlay(
     )
 
 
-def _shrunk(image: np.ndarray) -> np.ndarray:
-    """The image at no more than MAX_DRAWN_SIDE px a side, area-averaged; drawn over its full-size extent."""
-    scale = MAX_DRAWN_SIDE / max(image.shape[:2])
+def _shrunk(image: np.ndarray, max_height: float, max_width: float) -> np.ndarray:
+    """The image area-averaged to fit max_height x max_width px, aspect kept; drawn over its full-size extent."""
+    scale = min(max_height / image.shape[0], max_width / image.shape[1])
     if scale >= 1:
         return image
     size = (max(round(image.shape[1] * scale), 1), max(round(image.shape[0] * scale), 1))

@@ -8,7 +8,14 @@ import pytest
 from matplotlib.axes import Axes
 from PIL import Image
 
-from idc_lightning.evaluation.heatmaps import MAX_DRAWN_SIDE, dice, render_patient_heatmap, write_patient_heatmaps
+from idc_lightning.evaluation.heatmaps import (
+    DRAW_OVERSAMPLE,
+    FIGURE_DPI,
+    PANEL_HEIGHT_IN,
+    dice,
+    render_patient_heatmap,
+    write_patient_heatmaps,
+)
 from idc_lightning.evaluation.slide_grid import GridGeometry, cell_index, grid_geometry, slide_thumbnail, value_grid
 
 KAGGLE_NAME = re.compile(r"(?P<pid>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$")
@@ -143,7 +150,9 @@ def test_a_large_slide_is_drawn_small_over_its_full_extent(tmp_path: Path, monke
     slide, background, prob_layer = drawn
     for image in (slide, background):
         pixels = image.get_array()
-        assert max(pixels.shape[:2]) == MAX_DRAWN_SIDE and pixels.shape[1] == 2 * pixels.shape[0]
+        # Twice the pixels of its 2:1 panel, not 4,000 x 2,000.
+        assert pixels.shape[:2] == (DRAW_OVERSAMPLE * PANEL_HEIGHT_IN * FIGURE_DPI,
+                                    2 * DRAW_OVERSAMPLE * PANEL_HEIGHT_IN * FIGURE_DPI)
         assert image.get_extent() == [0.0, 4000.0, 2000.0, 0.0]  # still placed in slide pixels
     # Area-averaged, not subsampled: the dark half stays the left half of the drawn slide.
     half = slide.get_array().shape[1] // 2
