@@ -94,7 +94,7 @@ def split_patients(
             f"{len(patients)} patients cannot fill a patient-level split: at least {needed} are needed "
             f"({'test, ' if testing else ''}{'each of ' + str(num_folds) + ' folds' if num_folds else 'val and train'}"
             f"); add patients{' or reduce data.num_folds' if num_folds else ''}"
-            f"{', or set data.test_fraction=0 test=false' if testing else ''}"
+            f"{', or set data.test_fraction=0 test=false' if testing and len(patients) >= needed - 1 else ''}"
         )
     if testing:
         held_out = stratified_assign(

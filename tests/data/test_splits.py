@@ -53,6 +53,9 @@ def test_too_few_patients_is_a_clear_error() -> None:
     with pytest.raises(SplitError, match="2 patients cannot fill") as no_folds:
         split_patients(manifest_of(2))
     assert "num_folds" not in str(no_folds.value) and "data.test_fraction=0 test=false" in str(no_folds.value)
+    with pytest.raises(SplitError, match="1 patients cannot fill") as one:
+        split_patients(manifest_of(1))
+    assert "test_fraction" not in str(one.value)  # without a test split 1 patient is still too few
     with pytest.raises(SplitError, match="5 patients cannot fill.*at least 6.*reduce data.num_folds"):
         split_patients(manifest_of(5), num_folds=5)
 
