@@ -140,29 +140,25 @@ def _walk_files(root: Path, exclude: Path | str | None = None) -> TreeListing:
 
 def _list_entry(entry: os.DirEntry, rel_dir: str, excluded: str | None, stack: list[str],
                 listing: TreeListing) -> None:
-    """One entry into the listing; an entry that cannot be followed is listed alone, its folder still read."""
+    """A file into the listing, a folder onto the stack, anything else listed as not read with what to do; an
+    entry that cannot be followed (a link loop) is listed alone, the rest of its folder is still read."""
     rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
     try:
-        _classify_entry(entry, rel, rel_dir, excluded, stack, listing)
+        if not _is_utf8(entry.name):
+            listing.not_read(rel, "the name is not valid UTF-8: rename it (a folder's files are not read either)")
+        elif entry.is_dir(follow_symlinks=True):
+            if not _is_excluded(entry.path, excluded):
+                stack.append(rel)
+        elif entry.is_file(follow_symlinks=True):
+            stat = entry.stat(follow_symlinks=True)
+            listing.files.append((rel_dir, entry.name, stat.st_size, stat.st_mtime_ns))
+        elif entry.is_symlink():
+            listing.not_read(rel, f"broken symbolic link to {printable(os.readlink(entry.path))}: restore its "
+                                  "target, or remove the link")
+        else:
+            listing.not_read(rel, "not a regular file (a device, pipe or socket)")
     except OSError as error:
         listing.not_read(rel, f"could not be followed ({error.strerror}): repair or remove it")
-
-
-def _classify_entry(entry: os.DirEntry, rel: str, rel_dir: str, excluded: str | None, stack: list[str],
-                    listing: TreeListing) -> None:
-    if not _is_utf8(entry.name):
-        listing.not_read(rel, "the name is not valid UTF-8: rename it (a folder's files are not read either)")
-    elif entry.is_dir(follow_symlinks=True):
-        if not _is_excluded(entry.path, excluded):
-            stack.append(rel)
-    elif entry.is_file(follow_symlinks=True):
-        stat = entry.stat(follow_symlinks=True)
-        listing.files.append((rel_dir, entry.name, stat.st_size, stat.st_mtime_ns))
-    elif entry.is_symlink():
-        listing.not_read(rel, f"broken symbolic link to {printable(os.readlink(entry.path))}: restore its "
-                              "target, or remove the link")
-    else:
-        listing.not_read(rel, "not a regular file (a device, pipe or socket)")
 
 
 def holds_patches(folder: Path) -> bool:
