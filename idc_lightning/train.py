@@ -14,6 +14,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from idc_lightning.builders import build_run, log_config, print_config_tree, wandb_sync_hints
+from idc_lightning.callbacks.heatmap_writer import HeatmapCallback
 from idc_lightning.checkpoints import read_checkpoint
 from idc_lightning.evaluation.report import publish_test_report, write_results
 from idc_lightning.model_card import write_model_card
@@ -46,17 +47,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return find_lr(run, cfg.tune, Path(cfg.paths.output_dir))
     metrics: dict[str, float] = {}
     checkpoint = trainer.checkpoint_callback
-    best = ""
     if cfg.test:
         run.datamodule.require_test_split()
-    if cfg.train:
-        trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=_resume_path(cfg))
-        best = checkpoint.best_model_path if checkpoint is not None else ""
-        if best:
-            # Report (and return to sweepers) the validation metrics of the checkpoint that is tested, not of
-            # the last epoch.
-            trainer.validate(run.model, datamodule=run.datamodule, ckpt_path=best, weights_only=True)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=_resume_path(cfg))
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    if best:
+        # Report (and return to sweepers) the validation metrics of the checkpoint that is tested, not of the last
+        # epoch.
+        trainer.validate(run.model, datamodule=run.datamodule, ckpt_path=best, weights_only=True)
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
     if cfg.test:
         if not best:
             log.warning("No best checkpoint (fast_dev_run or checkpointing off): testing the current weights")
@@ -71,8 +70,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if best:
             write_model_card(output_dir / "MODEL_CARD.md", read_checkpoint(best), metrics)
         log.info("Run folder: %s", output_dir)
-        if (output_dir / "heatmaps").is_dir():
-            log.info("Heatmaps: %s", output_dir / "heatmaps")
+        for folder in {c.test_folder for c in run.callbacks if isinstance(c, HeatmapCallback) and c.test_folder}:
+            log.info("Heatmaps: %s", folder)
         for hint in wandb_sync_hints(run):
             log.info("W&B ran offline; upload with: %s", hint)
     return metrics

@@ -20,7 +20,8 @@ class HeatmapCallback(L.Callback):
 
     Reads the model's gathered predictions (`EvaluatedModel.predictions`) in `on_test_end` / `on_validation_end`,
     because callback epoch-end hooks run before the module's, which fill them. Calls are made at the model's
-    operating point unless `threshold` is a number. Pixels and ground truth come from the datamodule (`PatchSource`).
+    operating point, so the figures agree with the run's results. Pixels and ground truth come from the datamodule
+    (`PatchSource`).
     """
 
     def __init__(
@@ -28,16 +29,15 @@ class HeatmapCallback(L.Callback):
         max_patients: int | None = 20,
         every_n_val_epochs: int = 0,
         val_patients: int = 2,
-        threshold: float | None = None,
         dirname: str = "heatmaps",
     ) -> None:
         super().__init__()
         self.max_patients = max_patients
         self.every_n_val_epochs = every_n_val_epochs
         self.val_patients = val_patients
-        self.threshold = threshold
         self.dirname = dirname
         self.patient_table: pd.DataFrame | None = None
+        self.test_folder: Path | None = None
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         predictions = self._predictions(trainer, pl_module, "test")
@@ -46,7 +46,7 @@ class HeatmapCallback(L.Callback):
         out_dir = Path(trainer.default_root_dir) / self.dirname
         table = self._write(trainer, pl_module, predictions, out_dir, self.max_patients)
         table.to_csv(out_dir / "heatmaps.csv", index=False)
-        self.patient_table = table
+        self.patient_table, self.test_folder = table, out_dir
         self._log(trainer, table, key="heatmaps", dice_key="test/heatmap_dice")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -81,7 +81,7 @@ class HeatmapCallback(L.Callback):
     def _write(self, trainer: L.Trainer, model: EvaluatedModel, predictions: pd.DataFrame, out_dir: Path,
                limit: int | None) -> pd.DataFrame:
         source = trainer.datamodule if isinstance(trainer.datamodule, PatchSource) else None
-        threshold = model.operating_point.threshold if self.threshold is None else self.threshold
+        threshold = model.operating_point.threshold
         table = write_patient_heatmaps(
             predictions,
             patches=source.patches if source is not None else None,

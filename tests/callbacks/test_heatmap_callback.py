@@ -146,6 +146,7 @@ def test_test_heatmaps_are_written_and_logged(tmp_path: Path, offline_wandb: Non
     trainer.test(FakeProbModule(table), datamodule=PatchDataModule(table))
 
     out = tmp_path / "run" / "heatmaps"
+    assert callback.test_folder == out
     assert sorted(p.name for p in out.glob("*.png")) == ["p1.png", "p2.png"]
     assert sorted(p.name for p in out.glob("*.npy")) == ["p1.npy", "p2.npy"]
     assert np.load(out / "p1.npy").shape == (3, 4)
@@ -191,15 +192,16 @@ def test_callback_config_instantiates() -> None:
     callback = instantiate(OmegaConf.load(CONF).heatmap)
     assert isinstance(callback, HeatmapCallback)
     assert (callback.max_patients, callback.every_n_val_epochs, callback.val_patients) == (20, 0, 2)
-    assert (callback.threshold, callback.dirname) == (None, "heatmaps")
+    assert callback.dirname == "heatmaps"
 
 
-def test_heatmaps_use_the_model_operating_point_unless_a_number_is_given(tmp_path: Path) -> None:
-    """Operating point 0.85 (chosen on validation): the 0.8 IDC patches are no longer calls, the 0.9 one is."""
+def test_heatmaps_call_idc_at_the_model_operating_point(tmp_path: Path) -> None:
+    """Operating point 0.85 (chosen on validation): the 0.8 IDC patches are no longer calls, the 0.9 one is; at
+    0.5 all seven are."""
     table = _patch_table()
-    for threshold, expected in ((None, 100 / 12), (0.5, 700 / 12)):
-        callback = HeatmapCallback(max_patients=1, threshold=threshold)
+    for threshold, expected in ((0.85, 100 / 12), (0.5, 700 / 12)):
+        callback = HeatmapCallback(max_patients=1)
         trainer = L.Trainer(accelerator="cpu", default_root_dir=tmp_path / str(threshold), logger=False,
                             callbacks=[callback], enable_progress_bar=False, enable_model_summary=False)
-        trainer.test(FakeProbModule(table, threshold=0.85), datamodule=PatchDataModule(table))
+        trainer.test(FakeProbModule(table, threshold=threshold), datamodule=PatchDataModule(table))
         assert callback.patient_table["predicted_idc_pct"].tolist() == pytest.approx([expected])
