@@ -94,6 +94,10 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     threshold = checkpoint.operating_point.threshold if cfg.predict.threshold is None else cfg.predict.threshold
     model = checkpoint.model()
     trainer = instantiate(cfg.trainer)
+    if trainer.world_size > 1:
+        # Each rank would see only its share of the patches and write the same files.
+        raise ValueError(f"predict runs on one device, not {trainer.world_size}: set trainer.devices=1 "
+                         "trainer.num_nodes=1 (or trainer=default)")
     if trainer.is_global_zero and cfg.extras.print_config:
         print_config_tree(cfg)
     output_dir = Path(cfg.paths.output_dir)

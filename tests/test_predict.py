@@ -102,6 +102,9 @@ def test_bad_inputs_fail_with_clear_errors(tiny_data_dir: Path, tmp_path: Path, 
     torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match="not a checkpoint of this model"):
         run_predict(tiny_data_dir, tmp_path / "e", tmp_path / "other.ckpt", tmp_path / "blank.png")
+    # Under DDP each rank would score its share of the patches and overwrite the others' files.
+    with pytest.raises(ValueError, match="predict runs on one device, not 2: set trainer.devices=1"):
+        run_predict(tiny_data_dir, tmp_path / "f", checkpoint, tiny_data_dir / DATASET, "trainer.devices=2")
 
 
 @pytest.mark.slow
