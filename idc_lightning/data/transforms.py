@@ -46,9 +46,9 @@ class HEDJitter(A.ImageOnlyTransform):
         return ("sigma",)
 
 
-def _resize_and_normalize(image_size: int, mean: Sequence[float], std: Sequence[float]) -> list[Any]:
+def _resize_and_normalize(image_size: int, patch_size: int, mean: Sequence[float], std: Sequence[float]) -> list[Any]:
     steps: list[Any] = []
-    if image_size != PATCH_SIZE:
+    if image_size != patch_size:
         # INTER_AREA when shrinking: the antialiased counterpart of the device path's bilinear resize.
         steps.append(A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image"))
     steps += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
@@ -60,8 +60,9 @@ def train_transform(
     image_size: int = PATCH_SIZE,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    patch_size: int = PATCH_SIZE,
 ) -> A.Compose:
-    """uint8 HWC RGB patch -> augmented, normalised float32 CHW tensor."""
+    """uint8 HWC RGB patch (patch_size², as packed in the cache) -> augmented, normalised float32 CHW tensor."""
     steps: list[Any] = []
     if augment.dihedral:
         steps.append(A.SquareSymmetry(p=1.0))
@@ -78,11 +79,14 @@ def train_transform(
                 p=1.0,
             )
         )
-    return A.Compose(steps + _resize_and_normalize(image_size, mean, std))
+    return A.Compose(steps + _resize_and_normalize(image_size, patch_size, mean, std))
 
 
 def eval_transform(
-    image_size: int = PATCH_SIZE, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    image_size: int = PATCH_SIZE,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    patch_size: int = PATCH_SIZE,
 ) -> A.Compose:
-    """uint8 HWC RGB patch -> normalised float32 CHW tensor, no randomness."""
-    return A.Compose(_resize_and_normalize(image_size, mean, std))
+    """uint8 HWC RGB patch (patch_size²) -> normalised float32 CHW tensor, no randomness."""
+    return A.Compose(_resize_and_normalize(image_size, patch_size, mean, std))

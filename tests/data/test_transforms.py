@@ -29,6 +29,13 @@ def test_native_size_keeps_the_patch_size() -> None:
     assert eval_transform(50)(image=_patch(50, 35))["image"].shape == (3, 50, 35)
 
 
+def test_other_patch_sizes_are_resized_to_image_size() -> None:
+    """64-px patches (data.patch_size=64) trained at image_size 50 are resized, as on the device path."""
+    config = AugmentConfig(dihedral=False, brightness=0, contrast=0, saturation=0, hue=0)
+    for transform in (train_transform(config, 50, patch_size=64), eval_transform(50, patch_size=64)):
+        assert transform(image=_patch(64, 64))["image"].shape == (3, 50, 50)
+
+
 def test_zero_strength_train_equals_eval() -> None:
     config = AugmentConfig(dihedral=False, brightness=0, contrast=0, saturation=0, hue=0)
     patch = _patch()
