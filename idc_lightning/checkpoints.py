@@ -178,17 +178,23 @@ class EnsembleCheckpoint:
         return FoldEnsemble([member.model() for member in self.members], self.operating_point).eval()
 
 
+def _best_in(folder: Path, pattern: str = "checkpoints/*.ckpt") -> list[Path]:
+    """Checkpoints other than the resume point (last.ckpt), whatever callbacks.model_checkpoint.filename names
+    them."""
+    return sorted(path for path in folder.glob(pattern) if not path.name.startswith("last"))
+
+
 def best_checkpoints(folder: Path) -> list[Path]:
-    """The best checkpoint of each job of a sweep folder (<job>/checkpoints/epoch_*.ckpt), or of one run folder."""
-    found = sorted(folder.glob("checkpoints/epoch_*.ckpt")) or sorted(folder.glob("*/checkpoints/epoch_*.ckpt"))
-    without = [job.name for job in job_folders(folder) if not any((job / "checkpoints").glob("epoch_*.ckpt"))]
+    """The best checkpoint of each job of a sweep folder (<job>/checkpoints/), or of one run folder."""
+    found = _best_in(folder) or _best_in(folder, "*/checkpoints/*.ckpt")
+    without = [job.name for job in job_folders(folder) if not _best_in(job)]
     if found and without:
         log.warning("%s: jobs %s have no best checkpoint (failed, or still running); the ensemble leaves them out",
                     folder, without)
     if not found:
-        raise CheckpointError(f"ckpt_path={folder} is a folder without checkpoints/epoch_*.ckpt or "
-                              f"*/checkpoints/epoch_*.ckpt; give a run or sweep folder of idc_lightning.train, "
-                              f"or .ckpt files")
+        raise CheckpointError(f"ckpt_path={folder} is a folder without a best checkpoint in checkpoints/ or "
+                              f"*/checkpoints/ (last.ckpt is only the resume point); give a run or sweep folder "
+                              f"of idc_lightning.train, or .ckpt files")
     per_run: dict[Path, list[Path]] = {}
     for path in found:
         per_run.setdefault(path.parent, []).append(path)

@@ -96,19 +96,21 @@ def test_predict_takes_a_list_of_checkpoints(tiny_data_dir: Path, sweep: Path, t
 
 def test_a_job_without_a_checkpoint_is_named_and_left_out(sweep: Path, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Job 1's best checkpoint has a name of the user's (callbacks.model_checkpoint.filename); job 2 has only the
+    resume point, last.ckpt, which is no best checkpoint."""
     for job in ("0", "1", "2"):  # job folders as Hydra writes them
         (tmp_path / job / ".hydra").mkdir(parents=True)
         (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- data.fold={job}\n")
-    for job in ("0", "1"):
         (tmp_path / job / "checkpoints").mkdir()
-        (tmp_path / job / "checkpoints" / "epoch_000.ckpt").write_bytes(members(sweep)[int(job)].read_bytes())
+    for job, name in (("0", "epoch_000.ckpt"), ("1", "fold1-auroc=0.93.ckpt"), ("2", "last.ckpt")):
+        (tmp_path / job / "checkpoints" / name).write_bytes(members(sweep)[int(job) % 2].read_bytes())
     with caplog.at_level("WARNING"):
         ensemble = read_model_checkpoint(tmp_path)
     assert len(ensemble.members) == 2 and "jobs ['2'] have no best checkpoint" in caplog.text
 
 
 def test_unusable_ensembles_fail_with_clear_errors(sweep: Path, tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="folder without checkpoints"):
+    with pytest.raises(CheckpointError, match="folder without a best checkpoint"):
         read_model_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="names no checkpoint"):
         read_model_checkpoint([])
