@@ -20,7 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from torchvision.models import resnet18
 
-from idc_lightning.callbacks.fold_ensemble_eval import forwarded_overrides, quoted, why_not_averaged
+from idc_lightning.callbacks.fold_ensemble_eval import forwarded_overrides, quoted, runs_here, why_not_averaged
 from idc_lightning.callbacks.sweep_summary import (
     collect_jobs,
     error_headline,
@@ -105,6 +105,15 @@ def test_the_fold_ensemble_eval_gets_the_sweeps_hardware_and_paths_but_no_sweep(
     assert parsed.value() == awkward
     assert quoted("outputs/real_cv/multiruns/2026-11-30_10-00-00") == "outputs/real_cv/multiruns/2026-11-30_10-00-00"
     assert [quoted(name) for name in ("42", "1e3", "true", "null")] == ["'42'", "'1e3'", "'true'", "'null'"]
+
+
+def test_the_fold_ensemble_runs_after_local_launchers_only() -> None:
+    """submitit_local's jobs ran here, so the sweep tests their ensemble; SLURM's may have run on other nodes."""
+    from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
+
+    assert runs_here("hydra._internal.core_plugins.basic_launcher.BasicLauncher")
+    assert runs_here(LocalQueueConf._target_)
+    assert not runs_here(SlurmQueueConf._target_)
 
 
 def test_only_the_completed_folds_of_one_setting_are_averaged() -> None:

@@ -30,7 +30,13 @@ log = logging.getLogger(__name__)
 # Overrides of the sweep that also hold for its evaluation: where files live, the hardware, the loader.
 FORWARDED = ("paths", "trainer", "data.num_workers", "data.batch_size")
 NOT_FORWARDED = ("paths.output_dir",)
-BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+# Launchers whose jobs run on this machine (Hydra's basic one, submitit_local, joblib): the sweep's own process
+# can run the evaluation; any other may have sent the jobs to nodes this process cannot use.
+LOCAL_LAUNCHERS = (
+    "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+    "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+)
 # Set in the launcher's own process when its jobs trained with DDP; a child eval must start its own process group.
 DDP_ENVIRONMENT = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 LOG_TAIL_CHARS = 3000
@@ -65,6 +71,11 @@ def ensemble_command(sweep_dir: Path, task_overrides: list[str]) -> list[str]:
             *forwarded_overrides(task_overrides)]
 
 
+def runs_here(launcher_target: str) -> bool:
+    """Whether a sweep's launcher ran its jobs on this machine, where its own process can test them."""
+    return launcher_target in LOCAL_LAUNCHERS
+
+
 def why_not_averaged(jobs: pd.DataFrame) -> str | None:
     """Why the sweep's jobs are not one model's folds, or None when they are."""
     varying = varying_settings(jobs)
@@ -93,7 +104,7 @@ class EvaluateFoldEnsemble(Callback):
         command = ensemble_command(sweep_dir, list(config.hydra.overrides.task))
         printed = shlex.join(["python", *command[1:]])
         reason = why_not_averaged(collect_jobs(sweep_dir, task_name))
-        if reason is None and config.hydra.launcher._target_ != BASIC_LAUNCHER:
+        if reason is None and not runs_here(config.hydra.launcher._target_):
             reason = "the jobs ran under a cluster launcher, and this process may be on a login node"
         if reason is not None:
             log.warning("Not testing the folds as one model here: %s. To test them: %s", reason, printed)
