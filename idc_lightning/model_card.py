@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from idc_lightning.checkpoints import EnsembleCheckpoint, RunCheckpoint
+from idc_lightning.evaluation.calibration import ECE_BINS
 from idc_lightning.evaluation.operating_point import OperatingPoint
 
 CARD_METRICS = (
@@ -16,7 +17,7 @@ CARD_METRICS = (
     ("test/bal_acc@val_thr", "balanced accuracy at the operating point"),
     ("test/sensitivity@val_thr", "sensitivity at the operating point"),
     ("test/specificity@val_thr", "specificity at the operating point"),
-    ("test/ece", "expected calibration error (15 bins)"),
+    ("test/ece", f"expected calibration error ({ECE_BINS} bins)"),
     ("test/patient_mean_auroc", "mean AUROC over test patients"),
     ("test/patient_mean_f1", "mean F1 over test patients with IDC"),
     ("test/patient_mean_specificity", "mean specificity over test patients"),
@@ -106,7 +107,7 @@ def model_card(checkpoint: RunCheckpoint | EnsembleCheckpoint, metrics: dict[str
         "",
         "## Intended use",
         "",
-        "Research on breast histopathology: the probability that a 50×50-px H&E patch at "
+        f"Research on breast histopathology: the probability that a {pre.patch_size}×{pre.patch_size}-px H&E patch at "
         f"{pre.microns_per_pixel:g} µm/px shows invasive ductal carcinoma (IDC), and per-patient heatmaps built "
         "from it. Not a medical device: not for diagnosis or treatment decisions.",
         "",

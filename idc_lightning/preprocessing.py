@@ -11,9 +11,13 @@ from dataclasses import asdict, dataclass, fields
 # The Kaggle grid: 50x50-px patches cut from 40x scans downsampled 16:1 (about 4 um per pixel).
 PATCH_SIZE = 50
 KAGGLE_MICRONS_PER_PIXEL = 4.0
+# Slide-edge patches smaller than PATCH_SIZE are padded with glass (white).
+PAD_VALUE = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STAIN_NORMS = (None, "macenko")
+# ITU-R BT.601 luma: greyscale as torchvision and albumentations compute it (saturation jitter, faded tissue).
+LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,7 @@ class Preprocessing:
     image_size: int = PATCH_SIZE
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    pad_value: int = 255
+    pad_value: int = PAD_VALUE
     stain_norm: str | None = None
     # Macenko target: unit OD vectors of haematoxylin and eosin (2x3) and their 99th-percentile concentrations.
     stain_vectors: tuple[tuple[float, ...], ...] = ()

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import pandas as pd
 
 from idc_lightning.data.cache_dir import writing_to
 from idc_lightning.data.progress import progress_bar
+from idc_lightning.preprocessing import PAD_VALUE, PATCH_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class PatchCache:
     folder: Path
 
 
-def decode_patch(path: Path | str, patch_size: int = 50, pad_value: int = 255) -> np.ndarray:
+def decode_patch(path: Path | str, patch_size: int = PATCH_SIZE, pad_value: int = PAD_VALUE) -> np.ndarray:
     """RGB uint8 patch_size² array; slide-edge patches are padded bottom/right like glass background."""
     raw = np.fromfile(path, dtype=np.uint8)
     if not raw.size:
@@ -166,8 +168,8 @@ def build_cache(
     manifest: pd.DataFrame,
     root: Path | str,
     cache_dir: Path | str,
-    patch_size: int = 50,
-    pad_value: int = 255,
+    patch_size: int = PATCH_SIZE,
+    pad_value: int = PAD_VALUE,
     stain_norm: str | None = None,
     workers: int | None = None,
 ) -> PatchCache:
@@ -185,7 +187,8 @@ def build_cache(
         log.info("Reusing packed patch cache %s", folder)
         return _load(folder)
     started = time.perf_counter()
-    partial = folder.with_name(f"{key}.partial-{os.getpid()}")
+    # Unique per host and process: nodes sharing cache_dir may pack the same cache at once.
+    partial = folder.with_name(f"{key}.partial-{socket.gethostname()}-{os.getpid()}")
     shape = (len(manifest), patch_size, patch_size, 3)
     with writing_to(cache_dir):
         partial.mkdir(parents=True, exist_ok=True)
@@ -231,10 +234,7 @@ def build_cache(
     meta = {"shape": list(shape), "patch_size": patch_size, "pad_value": pad_value, "stain_norm": stain_norm,
             "cached": len(rows), "skipped": len(skipped), "seconds": round(time.perf_counter() - started, 2)}
     (partial / "meta.json").write_text(json.dumps(meta, indent=1))
-    if folder.exists():
-        shutil.rmtree(partial)
-    else:
-        partial.rename(folder)
+    _publish(partial, folder)
     log.info("Packed %d patches into %s in %.1f s", len(rows), folder, meta["seconds"])
     if len(skipped):
         log.warning(
@@ -247,6 +247,16 @@ def build_cache(
                     "(%s) from %s", len(from_copies), manifest["path"].iat[position], error,
                     manifest["copy_path"].iat[position])
     return _load(folder)
+
+
+def _publish(partial: Path, folder: Path) -> None:
+    """Rename the packed folder into place; when another node or process got there first, keep theirs."""
+    try:
+        partial.rename(folder)
+    except OSError:
+        if not (folder / "meta.json").is_file():
+            raise
+        shutil.rmtree(partial)
 
 
 def _unread_message(manifest: pd.DataFrame, unread: RowErrors, shown: int = 5) -> str:

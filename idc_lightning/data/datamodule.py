@@ -40,7 +40,14 @@ from idc_lightning.data.stain import MACENKO_REFERENCE
 from idc_lightning.data.synthetic import TREE, SyntheticSlides, TruthMasks, is_synthetic_tree
 from idc_lightning.data.transforms import eval_transform, train_transform
 from idc_lightning.interfaces import TruthSource
-from idc_lightning.preprocessing import IMAGENET_MEAN, IMAGENET_STD, KAGGLE_MICRONS_PER_PIXEL, PATCH_SIZE, Preprocessing
+from idc_lightning.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    KAGGLE_MICRONS_PER_PIXEL,
+    PAD_VALUE,
+    PATCH_SIZE,
+    Preprocessing,
+)
 
 SAMPLERS = ("random", "balanced", "patient")
 # In the run folder: every file under data.root that gave no patch, and why.
@@ -85,7 +92,7 @@ class IDCDataModule(L.LightningDataModule):
         split_seed: int = 0,
         split_file: str | Path | None = None,
         patch_size: int = PATCH_SIZE,
-        pad_value: int = 255,
+        pad_value: int = PAD_VALUE,
         stain_norm: str | None = None,
         microns_per_pixel: float = KAGGLE_MICRONS_PER_PIXEL,
         decode_workers: int | None = None,
@@ -325,8 +332,8 @@ class IDCDataModule(L.LightningDataModule):
             dataset = PatchBatchDataset(images_path, shape, frame)
             collate = keep_batch
         else:
-            transform = (train_transform(self.augment, pre.image_size, pre.mean, pre.std) if train
-                         else eval_transform(pre.image_size, pre.mean, pre.std))
+            transform = (train_transform(self.augment, pre.image_size, pre.mean, pre.std, pre.patch_size) if train
+                         else eval_transform(pre.image_size, pre.mean, pre.std, pre.patch_size))
             dataset = PatchDataset(images_path, shape, frame, transform)
             collate = None
         return DataLoader(

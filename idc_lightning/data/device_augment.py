@@ -19,10 +19,9 @@ import torch.nn.functional as F
 
 from idc_lightning.data.augment_config import AugmentConfig
 from idc_lightning.data.stain import hed_jitter
-from idc_lightning.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZE
+from idc_lightning.preprocessing import IMAGENET_MEAN, IMAGENET_STD, LUMA, PATCH_SIZE
 
 # ITU-R BT.601 luma, as OpenCV's RGB2GRAY in albumentations' contrast and saturation.
-LUMA = (0.299, 0.587, 0.114)
 
 
 def _per_image(values: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -322,9 +323,11 @@ def build_manifest(root: Path | str, cache_dir: Path | str | None = None) -> tup
     frame, report = _parse_files(root, listing)
     with writing_to(cache_dir):
         saved.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(saved / "manifest.parquet", index=False)
-        # The report is written last and atomically: its presence marks a complete manifest.
-        partial = saved / "report.json.tmp"
-        partial.write_text(json.dumps(asdict(report), indent=1))
-        partial.replace(saved / "report.json")
+        # Each file is written under a name of this process's and renamed into place (nodes sharing cache_dir may
+        # save the same manifest at once); the report comes last: its presence marks a complete manifest.
+        partial = f".{socket.gethostname()}-{os.getpid()}.tmp"
+        frame.to_parquet(saved / f"manifest.parquet{partial}", index=False)
+        (saved / f"manifest.parquet{partial}").replace(saved / "manifest.parquet")
+        (saved / f"report.json{partial}").write_text(json.dumps(asdict(report), indent=1))
+        (saved / f"report.json{partial}").replace(saved / "report.json")
     return frame, report

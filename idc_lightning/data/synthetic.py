@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from idc_lightning.data.manifest import DUPLICATE_TREE as TREE
 from idc_lightning.data.progress import progress_bar
 from idc_lightning.data.slide_painter import PATCH, cell_share, render_slide
 
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 ORIGIN = 1  # the Kaggle offsets start at 1, not 0
 # Real Kaggle ids run from 8863 to 16896: synthetic ids start above them, so the two can never be mixed up.
 FIRST_PATIENT_ID = 20000
-TREE = "IDC_regular_ps50_idx5"
 MASKS = "masks"
 MARKER = ".synthetic.json"
 # Bump when the rendering changes, so `ensure` regenerates datasets written by an older generator.

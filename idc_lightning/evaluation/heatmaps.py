@@ -21,7 +21,7 @@ from matplotlib.image import AxesImage
 from idc_lightning.evaluation.metrics import confusion_counts, f1_score, patient_scores
 from idc_lightning.evaluation.operating_point import is_idc
 from idc_lightning.evaluation.slide_grid import GridGeometry, grid_geometry, slide_thumbnail, value_grid
-from idc_lightning.preprocessing import PATCH_SIZE
+from idc_lightning.preprocessing import LUMA, PATCH_SIZE
 
 PROB_CMAP = "inferno"
 OVERLAY_ALPHA = 0.6
@@ -77,8 +77,8 @@ def render_patient_heatmap(
     left, right, bottom, top = _view_box(extent, thumbnail)
     aspect = min(max((right - left) / (bottom - top), 0.5), 2.5)
     panel_px = (PANEL_HEIGHT_IN * FIGURE_DPI, PANEL_HEIGHT_IN * aspect * FIGURE_DPI)
-    drawn = _shrunk(thumbnail, *(DRAW_OVERSAMPLE * side for side in panel_px)) if thumbnail is not None else None
-    background = _faded(drawn) if drawn is not None else None
+    drawn = shrunk(thumbnail, *(DRAW_OVERSAMPLE * side for side in panel_px)) if thumbnail is not None else None
+    background = faded_tissue(drawn) if drawn is not None else None
     slide_extent = _pixel_extent(thumbnail) if thumbnail is not None else None
     fig = Figure(figsize=(len(panels) * PANEL_HEIGHT_IN * aspect + 1.6, 5.6))
     fig.set_layout_engine("constrained")
@@ -126,7 +126,7 @@ def _draw_overlay(
     )
 
 
-def _shrunk(image: np.ndarray, max_height: float, max_width: float) -> np.ndarray:
+def shrunk(image: np.ndarray, max_height: float, max_width: float) -> np.ndarray:
     """The image area-averaged to fit max_height x max_width px, aspect kept; drawn over its full-size extent."""
     scale = min(max_height / image.shape[0], max_width / image.shape[1])
     if scale >= 1:
@@ -135,9 +135,9 @@ def _shrunk(image: np.ndarray, max_height: float, max_width: float) -> np.ndarra
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def _faded(thumbnail: np.ndarray) -> np.ndarray:
+def faded_tissue(thumbnail: np.ndarray) -> np.ndarray:
     """Greyscale, lightened tissue: keeps the morphology visible without competing with the colour scale."""
-    grey = thumbnail.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    grey = thumbnail.astype(np.float32) @ np.array(LUMA, dtype=np.float32)
     light = 255.0 - 0.6 * (255.0 - grey)
     return np.repeat(light[..., None], 3, axis=-1).astype(np.uint8)
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from idc_lightning.evaluation.heatmaps import OVERLAY_ALPHA, PROB_CMAP
+from idc_lightning.evaluation.heatmaps import OVERLAY_ALPHA, PROB_CMAP, faded_tissue, shrunk
 from idc_lightning.evaluation.operating_point import is_idc
 from idc_lightning.evaluation.slide_grid import GridGeometry, value_grid
 from idc_lightning.slides.scale import WorkingScale
@@ -40,16 +39,6 @@ def write_grid(prob_grid: np.ndarray, grid: TileGrid, scale: WorkingScale, thres
     return path
 
 
-def _faded(thumbnail: np.ndarray) -> np.ndarray:
-    """Greyscale, lightened tissue, at most BACKGROUND_MAX_PX a side: morphology without competing colours."""
-    shrink = BACKGROUND_MAX_PX / max(thumbnail.shape[:2])
-    if shrink < 1:
-        size = (max(1, round(thumbnail.shape[1] * shrink)), max(1, round(thumbnail.shape[0] * shrink)))
-        thumbnail = cv2.resize(thumbnail, size, interpolation=cv2.INTER_AREA)
-    grey = thumbnail.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    return np.repeat((255.0 - 0.5 * (255.0 - grey))[..., None], 3, axis=-1).astype(np.uint8)
-
-
 def render_overlay(thumbnail: np.ndarray, prob_grid: np.ndarray, geometry: GridGeometry, scale: WorkingScale,
                    tile: int, threshold: float, title: str, path: Path) -> Path:
     """Tissue (faded) with the probability on a fixed 0-1 scale and the IDC region outlined, in level-0 pixels."""
@@ -60,7 +49,8 @@ def render_overlay(thumbnail: np.ndarray, prob_grid: np.ndarray, geometry: GridG
     fig.set_layout_engine("constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    ax.imshow(_faded(thumbnail), extent=(0, width, height, 0), interpolation="bilinear")
+    background = faded_tissue(shrunk(thumbnail, BACKGROUND_MAX_PX, BACKGROUND_MAX_PX))
+    ax.imshow(background, extent=(0, width, height, 0), interpolation="bilinear")
     overlay = ax.imshow(np.ma.masked_invalid(prob_grid), cmap=colormaps[PROB_CMAP], vmin=0, vmax=1,
                         alpha=OVERLAY_ALPHA, interpolation="nearest",
                         extent=(shift, shift + geometry.cols * cell, shift + geometry.rows * cell, shift))

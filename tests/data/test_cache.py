@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idc_lightning.data.cache import PatchDecodeError, PatchReadError, build_cache, decode_patch
+from idc_lightning.data.cache import PatchDecodeError, PatchReadError, _publish, build_cache, decode_patch
 from idc_lightning.data.cache_dir import CacheDirNotWritableError
 from idc_lightning.data.manifest import build_manifest, scan_tree
 
@@ -225,3 +225,19 @@ def test_a_corrupt_patch_whose_copy_is_gone_is_skipped_with_both_reasons(tmp_pat
     cache = build_cache(manifest, root, tmp_path / "cache", workers=1)
     (reason,) = cache.skipped["reason"]
     assert "corrupt or truncated" in reason and "No such file or directory" in reason
+
+
+def test_a_cache_another_node_published_first_is_kept(tmp_path: Path) -> None:
+    """Nodes sharing paths.cache_dir pack the same cache at once: the loser's rename fails and its copy goes."""
+    folder, ours = tmp_path / "abc", tmp_path / "abc.partial-node2-7"
+    for packed, who in ((folder, "node1"), (ours, "node2")):
+        packed.mkdir()
+        (packed / "meta.json").write_text(who)
+    _publish(ours, folder)
+    assert (folder / "meta.json").read_text() == "node1" and not ours.exists()
+    (folder / "meta.json").unlink()
+    (folder / "stray").write_text("")
+    ours.mkdir()
+    (ours / "meta.json").write_text("node2")
+    with pytest.raises(OSError):  # a folder in the way that is no finished cache is not silently replaced
+        _publish(ours, folder)
