@@ -20,6 +20,7 @@ from idc_lightning.resolvers import register_resolvers
 
 log = logging.getLogger(__name__)
 
+# conf/hydra/default.yaml uses the project's resolvers: every entry point imports this module before Hydra composes.
 register_resolvers()
 
 

@@ -22,12 +22,8 @@ from idc_lightning.callbacks.sweep_summary import ensemble_results
 from idc_lightning.checkpoints import EnsembleCheckpoint, RunCheckpoint, read_model_checkpoint
 from idc_lightning.model_card import write_model_card
 from idc_lightning.models.exportable import ExportedClassifier
-from idc_lightning.resolvers import register_resolvers
 
 log = logging.getLogger(__name__)
-
-# conf/hydra/default.yaml uses the project's resolvers, so they must exist before Hydra composes.
-register_resolvers()
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 

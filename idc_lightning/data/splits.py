@@ -19,7 +19,7 @@ class SplitError(ValueError):
     """The patients on disk cannot fill the requested splits."""
 
 
-def patient_table(manifest: pd.DataFrame) -> pd.DataFrame:
+def patient_idc_fractions(manifest: pd.DataFrame) -> pd.DataFrame:
     """Patches and IDC fraction per patient: the unit that is split."""
     table = manifest.groupby("patient_id")["label"].agg(patches="size", positives="sum")
     table["idc_fraction"] = table["positives"] / table["patches"]
@@ -86,7 +86,7 @@ def split_patients(
     if num_folds is None and not 0.0 < val_fraction < 1.0 - test_fraction:
         raise SplitError(f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}: need "
                          "0 < val_fraction < 1 - test_fraction")
-    patients = patient_table(manifest)
+    patients = patient_idc_fractions(manifest)
     testing = test_fraction > 0
     needed = int(testing) + (num_folds if num_folds else 2)
     if len(patients) < needed:

@@ -26,7 +26,7 @@ from idc_lightning.slides.geojson import feature_collection, tile_cells, write_g
 from idc_lightning.slides.overlay import probability_grid, render_overlay, write_grid
 from idc_lightning.slides.readers import SLIDE_SUFFIXES, SlideReader, SlideReadError, open_slide
 from idc_lightning.slides.scale import WorkingScale, working_scale
-from idc_lightning.slides.stain import STAIN_SAMPLE_TILES, StainMap, stain_map
+from idc_lightning.slides.stain_map import STAIN_SAMPLE_TILES, StainMap, stain_map
 from idc_lightning.slides.tiles import SlideTiles, TileGrid, tile_batch
 from idc_lightning.slides.tissue import detect_tissue, tissue_tiles
 

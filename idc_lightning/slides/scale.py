@@ -30,10 +30,6 @@ class WorkingScale:
     width: int  # working pixels
     height: int
 
-    @property
-    def level_mpp(self) -> float:
-        return self.mpp / self.zoom
-
 
 def slide_mpp(reader: SlideReader, override: float | None, training_mpp: float) -> tuple[float, str]:
     """(um per level-0 pixel, where it came from); a slide that records none needs predict.mpp."""

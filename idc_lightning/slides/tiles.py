@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from idc_lightning.data.device_augment import BatchAugment
 from idc_lightning.slides.readers import SlideReader, open_slide
 from idc_lightning.slides.scale import WorkingScale
-from idc_lightning.slides.stain import StainMap
+from idc_lightning.slides.stain_map import StainMap
 from idc_lightning.slides.tissue import MAX_READ_PX
 
 

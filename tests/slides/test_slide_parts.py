@@ -14,7 +14,7 @@ from idc_lightning.data.stain import MACENKO_REFERENCE, macenko_normalize
 from idc_lightning.slides.geojson import check_feature_collection, feature_collection, tile_cells
 from idc_lightning.slides.readers import SlideReadError
 from idc_lightning.slides.scale import working_scale
-from idc_lightning.slides.stain import stain_map
+from idc_lightning.slides.stain_map import stain_map
 from idc_lightning.slides.tiles import TileGrid, windows
 from idc_lightning.slides.tissue import MAX_READ_PX
 
