@@ -92,6 +92,9 @@ def test_summary_markdown_shows_mean_std_shared_overrides_and_failures() -> None
     assert "`data=synthetic`" in text and "3 jobs: 2 completed, 1 failed" in text
     assert "| 2 | 3e-4 | ValueError: dropout must be in [0, 1] |" in text
     assert error_headline(error) == "ValueError: dropout must be in [0, 1]"
+    assert "Partial" not in text
+    frame["test/coverage"] = [1.0, 0.085, None]
+    assert "**Partial test**: jobs scored as little as 8.5% of their test patches" in summary_markdown(frame)
 
 
 def test_the_fold_ensemble_eval_gets_the_sweeps_hardware_and_paths_but_no_sweep() -> None:

@@ -186,6 +186,18 @@ def ensemble_markdown(metrics: dict[str, Any]) -> list[str]:
             markdown_table(present, [[format_mean_std(metrics[m], math.nan) for m in present]])]
 
 
+def _partial_evaluations(frame: pd.DataFrame) -> list[str]:
+    """A warning for figures measured on part of the patients' patches (trainer.limit_*_batches)."""
+    notes = []
+    for split, limit in (("val", "limit_val_batches"), ("test", "limit_test_batches")):
+        column = f"{split}/coverage"
+        if column in frame and (pd.to_numeric(frame[column]) < 1).any():
+            notes += [f"**Partial {split}**: jobs scored as little as {pd.to_numeric(frame[column]).min():.1%} of "
+                      f"their {split} patches (`trainer.{limit}`), so the {split} figures describe part of each "
+                      "patient.", ""]
+    return notes
+
+
 def summary_markdown(frame: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
                      replicate_keys: Sequence[str] = REPLICATE_KEYS, title: str = "Sweep summary",
                      ensemble: dict[str, Any] | None = None) -> str:
@@ -197,7 +209,7 @@ def summary_markdown(frame: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRI
     failed = frame[frame["status"] == "failed"] if "status" in frame else frame.iloc[:0]
     lines = [f"# {title}", "", f"{len(frame)} jobs: {len(frame) - len(failed)} completed, {len(failed)} failed. "
              f"Mean ± std over the jobs of each setting (replicates: {', '.join(replicate_keys)}); "
-             "sorted by val/auroc.", ""]
+             "sorted by val/auroc.", "", *_partial_evaluations(frame)]
     shared = {c: frame[c].iloc[0] for c in override_columns(frame) if c not in keys
               and c not in replicate_keys and frame[c].astype(str).nunique(dropna=False) == 1}
     if shared:
