@@ -24,8 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m idc_lightning.bench", description="Benchmark the IDC data pipeline and training loop.")
     parser.add_argument("--out", type=Path, default=None,
-                        help="markdown report (default docs/benchmarks.md; docs/benchmarks_gpu.md with --gpu; "
-                             f"{DRY_RUN_REPORT} with --dry-run)")
+                        help="markdown report, rewritten whole (default docs/benchmarks_cpu.md; "
+                             f"docs/benchmarks_gpu.md with --gpu; {DRY_RUN_REPORT} with --dry-run)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="generated set, reused if present (default data/bench; data/bench_dry_run with --dry-run)")
     parser.add_argument("--patients", type=int, default=162)
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.data_dir is None:  # the dry run's tiny set must not overwrite the full-scale one
         args.data_dir = Path("data/bench_dry_run" if args.dry_run else "data/bench")
     if args.out is None:
-        default = Path("docs/benchmarks_gpu.md" if args.gpu else "docs/benchmarks.md")
+        default = Path("docs/benchmarks_gpu.md" if args.gpu else "docs/benchmarks_cpu.md")
         args.out = DRY_RUN_REPORT if args.dry_run else default
     return args
 
