@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 IMAGES_FILE = "images.u8"
 # Bump when what a cache holds for the same input changes, so caches packed by an older version are rebuilt
-# (2: a read error is no longer cached as a skipped patch).
-CACHE_FORMAT = 2
+# (2: a read error is no longer cached as a skipped patch; 3: rows record each file's height and width).
+CACHE_FORMAT = 3
 SKIPPED_FILE = "skipped.csv"
 
 
@@ -42,6 +42,10 @@ class PatchReadError(OSError):
 
 # (position in the manifest, error text) per patch: those that failed, or those read from a later copy.
 RowErrors = list[tuple[int, str]]
+# (position in the manifest, height, width) of each decoded file, before padding.
+RowSizes = list[tuple[int, int, int]]
+# Narrower or shorter than this, an edge patch is mostly padding: counted apart in the log.
+SLIVER_PX = 10
 
 
 @dataclass
@@ -56,6 +60,11 @@ class PatchCache:
 
 def decode_patch(path: Path | str, patch_size: int = PATCH_SIZE, pad_value: int = PAD_VALUE) -> np.ndarray:
     """RGB uint8 patch_size² array; slide-edge patches are padded bottom/right like glass background."""
+    return pad_patch(read_rgb(path, pad_value), patch_size, pad_value)
+
+
+def read_rgb(path: Path | str, pad_value: int = PAD_VALUE) -> np.ndarray:
+    """The file's pixels as RGB uint8 at their own size; transparency is blended onto pad_value, like glass."""
     raw = np.fromfile(path, dtype=np.uint8)
     if not raw.size:
         raise PatchDecodeError("empty file (0 bytes): extract it from the zip again")
@@ -73,6 +82,10 @@ def decode_patch(path: Path | str, patch_size: int = PATCH_SIZE, pad_value: int 
         image = np.rint(rgb * alpha + pad_value * (1.0 - alpha)).astype(np.uint8)
     else:
         image = cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2RGB)
+    return image
+
+
+def pad_patch(image: np.ndarray, patch_size: int = PATCH_SIZE, pad_value: int = PAD_VALUE) -> np.ndarray:
     height, width = image.shape[:2]
     if height > patch_size or width > patch_size:
         raise PatchDecodeError(f"{width}x{height} px is larger than data.patch_size={patch_size}")
@@ -111,21 +124,23 @@ def _decode_patient(
     patch_size: int,
     pad_value: int,
     stain_norm: str | None,
-) -> tuple[RowErrors, RowErrors, RowErrors]:
+) -> tuple[RowErrors, RowErrors, RowErrors, RowSizes]:
     """Decode one patient's patches into its rows of the memmap, each from the first of its copies that decodes.
 
-    Returns the patches none of whose copies decode, those with a copy that could not be read at all, and those
-    read from a later copy.
+    Returns the patches none of whose copies decode, those with a copy that could not be read at all, those read
+    from a later copy, and the size of each decoded file.
     """
     cv2.setNumThreads(1)
     images = np.memmap(images_path, dtype=np.uint8, mode="r+", shape=shape)
-    decoded, kept, failures, unread, from_copies = [], [], [], [], []
+    decoded, kept, failures, unread, from_copies, sizes = [], [], [], [], [], []
     for position, copies in zip(positions, paths, strict=True):
         errors, read_error = [], False
         for path in copies:
             try:
-                decoded.append(decode_patch(path, patch_size, pad_value))
+                image = read_rgb(path, pad_value)
+                decoded.append(pad_patch(image, patch_size, pad_value))
                 kept.append(position)
+                sizes.append((int(position), *image.shape[:2]))
                 break
             except (PatchDecodeError, OSError) as error:
                 # A missing file is a stale manifest or copy path, not one the system refuses to read.
@@ -143,7 +158,7 @@ def _decode_patient(
             batch = macenko_normalize(batch)
         images[np.asarray(kept)] = batch
     images.flush()
-    return failures, unread, from_copies
+    return failures, unread, from_copies, sizes
 
 
 def _load(folder: Path) -> PatchCache:
@@ -202,11 +217,13 @@ def build_cache(
     failures: RowErrors = []
     unread: RowErrors = []
     from_copies: RowErrors = []
+    sizes: RowSizes = []
 
-    def collect(result: tuple[RowErrors, RowErrors, RowErrors]) -> None:
+    def collect(result: tuple[RowErrors, RowErrors, RowErrors, RowSizes]) -> None:
         failures.extend(result[0])
         unread.extend(result[1])
         from_copies.extend(result[2])
+        sizes.extend(result[3])
 
     with progress_bar(f"Packing patches into {folder}", total=len(manifest)) as advance:
         if workers <= 1 or len(manifest) < 500:
@@ -224,18 +241,23 @@ def build_cache(
         shutil.rmtree(partial)
         raise PatchReadError(_unread_message(manifest, sorted(unread)))
     failed = dict(sorted(failures))  # row order, whichever worker finished first
-    rows = manifest.reset_index(drop=True).assign(cache_index=np.arange(len(manifest), dtype=np.int64))
+    rows = _with_sizes(manifest.reset_index(drop=True).assign(cache_index=np.arange(len(manifest), dtype=np.int64)),
+                       sizes)
     skipped = pd.DataFrame(
         {"path": [rows.at[i, "path"] for i in failed], "reason": list(failed.values())}, columns=["path", "reason"]
     )
     rows = rows.drop(index=list(failed)).reset_index(drop=True)
     rows.to_parquet(partial / "rows.parquet", index=False)
     skipped.to_csv(partial / SKIPPED_FILE, index=False)
+    edge = rows[(rows["height"] < patch_size) | (rows["width"] < patch_size)]
     meta = {"shape": list(shape), "patch_size": patch_size, "pad_value": pad_value, "stain_norm": stain_norm,
-            "cached": len(rows), "skipped": len(skipped), "seconds": round(time.perf_counter() - started, 2)}
+            "cached": len(rows), "skipped": len(skipped), "padded": len(edge),
+            "seconds": round(time.perf_counter() - started, 2)}
     (partial / "meta.json").write_text(json.dumps(meta, indent=1))
     _publish(partial, folder)
     log.info("Packed %d patches into %s in %.1f s", len(rows), folder, meta["seconds"])
+    if len(edge):
+        _log_padded(edge, patch_size, pad_value)
     if len(skipped):
         log.warning(
             "Skipped %d undecodable patch files (listed in %s), e.g. %s: %s",
@@ -247,6 +269,26 @@ def build_cache(
                     "(%s) from %s", len(from_copies), manifest["path"].iat[position], error,
                     manifest["copy_path"].iat[position])
     return _load(folder)
+
+
+def _with_sizes(rows: pd.DataFrame, sizes: RowSizes) -> pd.DataFrame:
+    """Each row's file height and width before padding (0 for a patch that did not decode)."""
+    height = np.zeros(len(rows), dtype=np.int16)
+    width = np.zeros(len(rows), dtype=np.int16)
+    if sizes:
+        positions, heights, widths = np.asarray(sizes, dtype=np.int64).T
+        height[positions], width[positions] = heights, widths
+    return rows.assign(height=height, width=width)
+
+
+def _log_padded(edge: pd.DataFrame, patch_size: int, pad_value: int) -> None:
+    """Slide-edge patches are kept (the download cuts them so), but a user should know how many are mostly glass."""
+    slivers = edge[(edge["height"] < SLIVER_PX) | (edge["width"] < SLIVER_PX)]
+    example = (slivers if len(slivers) else edge).iloc[0]
+    log.info("Padded %d slide-edge patches smaller than %dx%d px with data.pad_value=%d, %d of them under %d px "
+             "wide or high (mostly padding), e.g. %s (%dx%d px); each row's file size is in rows.parquet "
+             "(height, width) to filter on", len(edge), patch_size, patch_size, pad_value, len(slivers), SLIVER_PX,
+             example["path"], example["width"], example["height"])
 
 
 def _publish(partial: Path, folder: Path) -> None:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import errno
+import json
+import logging
 from pathlib import Path
 
 import cv2
@@ -66,6 +68,25 @@ def test_cache_keeps_every_row_as_cached_or_skipped(odd_tree: Path, tmp_path: Pa
     assert tuple(cache.images[first][0, 0]) == (200, 0, 0)
     reused = build_cache(manifest, odd_tree, tmp_path / "cache", workers=1)
     assert reused.folder == cache.folder and reused.rows.equals(cache.rows)
+
+
+def test_edge_patches_are_padded_counted_and_keep_their_size(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The download's slide-edge patches (50x35, and 1-px strips on the real sample) are used, and said so."""
+    root = tmp_path / "root"
+    tissue = np.full((50, 50, 3), 180, np.uint8)
+    write(root / "9000/0/9000_idx5_x1_y1_class0.png", tissue)
+    write(root / "9000/0/9000_idx5_x51_y1_class0.png", tissue[:35])
+    write(root / "9000/0/9000_idx5_x101_y1_class0.png", tissue[:, :1])
+    caplog.set_level(logging.INFO, logger="idc_lightning.data.cache")
+    manifest, _ = scan_tree(root)
+    cache = build_cache(manifest, root, tmp_path / "cache", workers=1)
+    sizes = cache.rows.set_index("x")[["height", "width"]]
+    assert [sizes.loc[x].tolist() for x in (1, 51, 101)] == [[50, 50], [35, 50], [50, 1]]
+    assert json.loads((cache.folder / "meta.json").read_text())["padded"] == 2
+    assert "Padded 2 slide-edge patches smaller than 50x50 px with data.pad_value=255, 1 of them under 10 px" in (
+        caplog.text)
+    assert "9000_idx5_x101_y1_class0.png (1x50 px)" in caplog.text
 
 
 def test_a_corrupt_patch_is_read_from_its_duplicate_copy(odd_tree: Path, tmp_path: Path,
