@@ -248,6 +248,10 @@ class IDCDataModule(L.LightningDataModule):
         """Every input file is used or listed: the run folder's skipped_files.csv names the others and why."""
         if self.report is not None:
             log.info("%s", self.report.summary())
+            if self.report.misplaced:
+                log.warning("%d patches lie in another patient's folder and count for the patient their file name "
+                            "gives, e.g. %s (%s)", len(self.report.misplaced), self.report.misplaced[0]["path"],
+                            self.report.misplaced[0]["reason"])
         unused = unused_files(self.report, self.cache.skipped)
         if unused.empty:
             return

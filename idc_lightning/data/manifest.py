@@ -30,7 +30,7 @@ CLASS_FOLDERS = ("0", "1")
 # size and mtime_ns say which version of the file the row describes: a cache keyed on them sees rewrites.
 MANIFEST_COLUMNS = ["patient_id", "x", "y", "label", "path", "size", "mtime_ns"]
 # Bump when the saved manifest's columns or parsing rules change, so manifests saved by an older version are rescanned.
-MANIFEST_FORMAT = 4
+MANIFEST_FORMAT = 5
 # The zip repeats the whole tree under this folder: the same files twice.
 DUPLICATE_TREE = "IDC_regular_ps50_idx5"
 # How deep patch files lie below the zip's top level: IDC_regular_ps50_idx5/<patient_id>/<class>/<patch>.png
@@ -54,12 +54,15 @@ class ManifestReport:
     skipped: list[dict[str, str]] = field(default_factory=list)
     # Entries the walk could not read or follow (a folder without permission, a broken link, a non-UTF-8 name).
     unread: list[dict[str, str]] = field(default_factory=list)
+    # Patches kept under the patient id of their name although they lie in another patient's folder.
+    misplaced: list[dict[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
             f"{self.patches} patches of {self.patients} patients from {self.files_seen} files under {self.root}; "
             f"{self.duplicates} duplicate copies merged, {len(self.skipped)} skipped by name or folder, "
-            f"{len(self.ignored)} non-patch files ignored, {len(self.unread)} files or folders not read"
+            f"{len(self.ignored)} non-patch files ignored, {len(self.unread)} files or folders not read, "
+            f"{len(self.misplaced)} in another patient's folder"
         )
 
 
@@ -227,6 +230,7 @@ def scan_tree(root: Path, exclude: Path | str | None = None) -> tuple[pd.DataFra
 def _parse_files(root: Path, listing: TreeListing) -> tuple[pd.DataFrame, ManifestReport]:
     report = ManifestReport(root=str(root), unread=list(listing.unread))
     rows: list[tuple[str, int, int, int, str, int, int]] = []
+    in_other_folder: list[tuple[str, str, str]] = []  # (path, patient id of the name, patient folder)
     for rel_dir, name, size, mtime_ns in listing.files:
         report.files_seen += 1
         rel_path = f"{rel_dir}/{name}" if rel_dir else name
@@ -245,7 +249,11 @@ def _parse_files(root: Path, listing: TreeListing) -> tuple[pd.DataFrame, Manife
                 {"path": rel_path, "reason": f"class{label} in the file name but stored in folder '{folder}'"}
             )
             continue
+        patient_folder = parents[-2] if folder in CLASS_FOLDERS and len(parents) > 1 else folder
+        if patient_folder != match["pid"]:
+            in_other_folder.append((rel_path, match["pid"], patient_folder))
         rows.append((match["pid"], int(match["x"]), int(match["y"]), label, rel_path, size, mtime_ns))
+    report.misplaced = _misplaced(in_other_folder, {row[0] for row in rows})
     frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     frame = _copies_in_the_sibling_tree(_merge_duplicate_copies(frame, report), root)
     if frame.empty:
@@ -260,6 +268,15 @@ def _parse_files(root: Path, listing: TreeListing) -> tuple[pd.DataFrame, Manife
     report.patches = len(frame)
     report.patients = frame["patient_id"].nunique()
     return frame, report
+
+
+def _misplaced(in_other_folder: list[tuple[str, str, str]], patient_ids: set[str]) -> list[dict[str, str]]:
+    """Patches in a folder named after another patient of the tree: the file name, which also carries the label,
+    decides, so a patch copied into the wrong folder still trains and is tested with its own slide. A folder that is
+    no patient's (a user's own layout) is not a misplacement."""
+    return [{"path": path, "reason": f"patient {pid} in the file name, stored in patient {folder}'s folder: kept as "
+                                     f"patient {pid}"}
+            for path, pid, folder in in_other_folder if folder in patient_ids]
 
 
 def _merge_duplicate_copies(frame: pd.DataFrame, report: ManifestReport) -> pd.DataFrame:

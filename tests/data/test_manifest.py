@@ -47,6 +47,20 @@ def test_junk_is_counted_and_class_mismatch_is_skipped_with_a_reason(tmp_path: P
     assert "folder '0'" in report.skipped[0]["reason"]
 
 
+def test_a_patch_in_another_patients_folder_counts_for_its_own_patient_and_is_listed(tmp_path: Path) -> None:
+    write_patch(tmp_path, "9000", 1, 1, 0)
+    write_patch(tmp_path, "9001", 1, 1, 1)
+    moved = write_patch(tmp_path, "9001", 51, 1, 1)
+    (tmp_path / "9000" / "1").mkdir()
+    moved.rename(tmp_path / "9000" / "1" / moved.name)
+    write_patch(tmp_path / "mine", "9002", 1, 1, 0).rename(tmp_path / "mine" / "9002_idx5_x1_y1_class0.png")
+    frame, report = scan_tree(tmp_path)
+    assert frame.groupby("patient_id").size().to_dict() == {"9000": 1, "9001": 2, "9002": 1}
+    assert [entry["path"] for entry in report.misplaced] == ["9000/1/9001_idx5_x51_y1_class1.png"]
+    assert "patient 9001 in the file name, stored in patient 9000's folder" in report.misplaced[0]["reason"]
+    assert "1 in another patient's folder" in report.summary()
+
+
 def test_missing_and_empty_roots_name_the_path_and_the_way_out(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match="paultimothymooney/breast-histopathology-images") as missing:
         build_manifest(tmp_path / "nope")
