@@ -249,8 +249,8 @@ class IDCDataModule(L.LightningDataModule):
         if self.report is not None:
             log.info("%s", self.report.summary())
             if self.report.misplaced:
-                log.warning("%d patches lie in another patient's folder and count for the patient their file name "
-                            "gives, e.g. %s (%s)", len(self.report.misplaced), self.report.misplaced[0]["path"],
+                log.warning("Patches in another patient's folder count for the patient their file name gives: %d, "
+                            "e.g. %s (%s)", len(self.report.misplaced), self.report.misplaced[0]["path"],
                             self.report.misplaced[0]["reason"])
         unused = unused_files(self.report, self.cache.skipped)
         if unused.empty:

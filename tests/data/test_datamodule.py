@@ -116,9 +116,14 @@ def test_files_that_give_no_patch_are_listed_in_the_run_folder(tiny_data_dir: Pa
     (tree / ".DS_Store").write_bytes(b"Bud1")
     shutil.copy(idc_patch, patient / "0" / idc_patch.name)
     (patient / "1" / f"{patient.name}_idx5_x9001_y9001_class1.png").write_bytes(b"truncated")
+    neighbour = next(p for p in sorted(tree.iterdir()) if p.is_dir() and p != patient)
+    moved = next((neighbour / "0").glob("*.png"))
+    moved.rename(patient / "0" / moved.name)
     dm = instantiate(make_cfg("train", ["data=kaggle", f"data.root={tree}"]).data)
     dm.prepare_data()
     dm.setup("fit")
+    assert "Patches in another patient's folder count for the patient their file name gives: 1, e.g. " \
+           f"{patient.name}/0/{moved.name}" in caplog.text
     unused = pd.read_csv(tmp_path / "run" / UNUSED_FILES)
     assert sorted(zip(unused["kind"], unused["path"].map(lambda p: Path(p).name), strict=True)) == [
         ("not a patch name", ".DS_Store"),
