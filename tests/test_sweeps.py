@@ -26,6 +26,7 @@ from idc_lightning.callbacks.sweep_summary import (
     error_headline,
     group_metrics,
     parse_overrides,
+    shared_overrides,
     summary_frame,
     summary_markdown,
 )
@@ -86,10 +87,11 @@ def test_group_metrics_averages_folds_per_setting_and_skips_failed_jobs() -> Non
 def test_summary_markdown_shows_mean_std_shared_overrides_and_failures() -> None:
     error = "Traceback (most recent call last):\n  ...\nValueError: dropout must be in [0, 1]\nfull_key: model"
     frame = summary_frame([_row(0, "1e-3", 0, 0.8), _row(1, "1e-3", 1, 0.9), _row(2, "3e-4", 0, None, error)])
-    text = summary_markdown(frame)
+    text = summary_markdown(frame, shared=["+experiment=demo", "data=synthetic"])
+    assert "Shared overrides: `+experiment=demo` `data=synthetic`" in text
     assert "| model.optimizer.lr | n | test/auroc | test/f1@val_thr | val/auroc |" in text
     assert "| 1e-3 | 2 | 0.8500 ± 0.0707 | 0.5000 ± 0.0000 | 0.7500 ± 0.0707 |" in text
-    assert "`data=synthetic`" in text and "3 jobs: 2 completed, 1 failed" in text
+    assert "3 jobs: 2 completed, 1 failed" in text
     assert "| 2 | 3e-4 | ValueError: dropout must be in [0, 1] |" in text
     assert error_headline(error) == "ValueError: dropout must be in [0, 1]"
     assert "Partial" not in text
@@ -139,6 +141,14 @@ def test_collect_jobs_reads_results_and_explains_missing_ones(tmp_path: Path) ->
     assert list(frame["job"]) == ["0", "1", "2"] and list(frame["status"]) == ["completed", "failed", "failed"]
     assert frame.loc[0, "test/auroc"] == 0.7 and math.isnan(frame.loc[0, "val/auroc"])
     assert frame.loc[1, "error"].endswith("RuntimeError: OOM") and frame.loc[2, "error"] == "no results.json"
+
+
+def test_shared_overrides_are_kept_as_typed(tmp_path: Path) -> None:
+    for job in range(2):
+        (tmp_path / str(job) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(
+            f"- +experiment=real_cv\n- data.fold={job}\n- ~callbacks.heatmap\n")
+    assert shared_overrides(tmp_path) == ["+experiment=real_cv", "~callbacks.heatmap"]
 
 
 # --- the real CLI -------------------------------------------------------------------------------------------------
@@ -316,6 +326,7 @@ def test_real_cv_experiment_is_one_multirun_over_the_folds(tiny_data_dir: Path, 
     assert tests[0] == tests[1] and not vals[0] & vals[1]
     summary = (sweep / "summary.md").read_text()
     assert "2 jobs: 2 completed" in summary and "test/f1@val_thr" in summary
+    assert "Shared overrides: " in summary and "`+experiment=real_cv`" in summary
     # The ensemble run is the documented eval of the sweep folder, with the sweep's cache forwarded.
     ensemble = json.loads((sweep / "ensemble" / "results.json").read_text())
     with caplog.at_level("WARNING"):

@@ -200,9 +200,9 @@ def _partial_evaluations(frame: pd.DataFrame) -> list[str]:
 
 def summary_markdown(frame: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
                      replicate_keys: Sequence[str] = REPLICATE_KEYS, title: str = "Sweep summary",
-                     ensemble: dict[str, Any] | None = None) -> str:
-    """Mean ± std per setting (n = completed jobs, e.g. folds), the overrides every job shares, failures, and the
-    jobs' ensemble when it was tested."""
+                     ensemble: dict[str, Any] | None = None, shared: Sequence[str] = ()) -> str:
+    """Mean ± std per setting (n = completed jobs, e.g. folds), the overrides every job shares (as typed, so they
+    can be pasted back into a command), failures, and the jobs' ensemble when it was tested."""
     table = group_metrics(frame, metrics, replicate_keys)
     present = [m for m in metrics if f"{m} mean" in table.columns]
     keys = [c for c in table.columns if c != "n" and not c.endswith((" mean", " std"))]
@@ -210,10 +210,8 @@ def summary_markdown(frame: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRI
     lines = [f"# {title}", "", f"{len(frame)} jobs: {len(frame) - len(failed)} completed, {len(failed)} failed. "
              f"Mean ± std over the jobs of each setting (replicates: {', '.join(replicate_keys)}); "
              "sorted by val/auroc.", "", *_partial_evaluations(frame)]
-    shared = {c: frame[c].iloc[0] for c in override_columns(frame) if c not in keys
-              and c not in replicate_keys and frame[c].astype(str).nunique(dropna=False) == 1}
     if shared:
-        lines += ["Shared overrides: " + " ".join(f"`{k}={v}`" for k, v in shared.items()), ""]
+        lines += ["Shared overrides: " + " ".join(f"`{override}`" for override in shared), ""]
     rows = [[*(short_value(row[k]) for k in keys), int(row["n"]),
              *(format_mean_std(row[f"{m} mean"], row[f"{m} std"]) for m in present)] for _, row in table.iterrows()]
     lines.append(markdown_table([*keys, "n", *present], rows))
@@ -245,13 +243,19 @@ def ensemble_results(sweep_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+def shared_overrides(sweep_dir: Path) -> list[str]:
+    """The command-line overrides every job of the sweep was given, in the first job's order and spelling."""
+    listed = [yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or [] for job in job_folders(sweep_dir)]
+    return [override for override in (listed[0] if listed else []) if all(override in job for job in listed[1:])]
+
+
 def write_summary(sweep_dir: Path, task_name: str = "train") -> pd.DataFrame:
     sweep_dir = Path(sweep_dir)
     frame = collect_jobs(sweep_dir, task_name)
     ensemble = ensemble_results(sweep_dir)
     _write_atomic(sweep_dir / "summary.csv", frame.to_csv(index=False))
     _write_atomic(sweep_dir / "summary.md", summary_markdown(frame, title=f"Sweep {sweep_dir.name}",
-                                                             ensemble=ensemble))
+                                                             ensemble=ensemble, shared=shared_overrides(sweep_dir)))
     return frame
 
 
