@@ -143,12 +143,12 @@ def test_collect_jobs_reads_results_and_explains_missing_ones(tmp_path: Path) ->
     assert frame.loc[1, "error"].endswith("RuntimeError: OOM") and frame.loc[2, "error"] == "no results.json"
 
 
-def test_shared_overrides_are_kept_as_typed(tmp_path: Path) -> None:
-    for job in range(2):
+def test_shared_overrides_keep_hydras_prefixes_whatever_their_order(tmp_path: Path) -> None:
+    for job, lines in enumerate([["+experiment=real_cv", "data.fold=0", "~callbacks.heatmap=null"],
+                                 ["~callbacks.heatmap=null", "data.fold=1", "+experiment=real_cv"]]):
         (tmp_path / str(job) / ".hydra").mkdir(parents=True)
-        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(
-            f"- +experiment=real_cv\n- data.fold={job}\n- ~callbacks.heatmap\n")
-    assert shared_overrides(tmp_path) == ["+experiment=real_cv", "~callbacks.heatmap"]
+        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text("".join(f"- {line}\n" for line in lines))
+    assert shared_overrides(tmp_path) == ["+experiment=real_cv", "~callbacks.heatmap=null"]
 
 
 # --- the real CLI -------------------------------------------------------------------------------------------------

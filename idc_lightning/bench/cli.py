@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         from idc_lightning.bench.cpu import run_cpu
 
         rows, notes = run_cpu(args)
-        title = "Benchmarks"
+        title = "CPU benchmarks"
     command = "python -m idc_lightning.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     Console(width=None if sys.stdout.isatty() else 160).print(table(rows, f"idc_lightning {title.lower()}"))
     args.out.parent.mkdir(parents=True, exist_ok=True)

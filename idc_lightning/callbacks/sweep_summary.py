@@ -201,8 +201,9 @@ def _partial_evaluations(frame: pd.DataFrame) -> list[str]:
 def summary_markdown(frame: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
                      replicate_keys: Sequence[str] = REPLICATE_KEYS, title: str = "Sweep summary",
                      ensemble: dict[str, Any] | None = None, shared: Sequence[str] = ()) -> str:
-    """Mean ± std per setting (n = completed jobs, e.g. folds), the overrides every job shares (as typed, so they
-    can be pasted back into a command), failures, and the jobs' ensemble when it was tested."""
+    """Mean ± std per setting (n = completed jobs, e.g. folds), the overrides every job shares (as Hydra recorded
+    them, prefixes included, so they paste back into a command), failures, and the jobs' ensemble when it was
+    tested."""
     table = group_metrics(frame, metrics, replicate_keys)
     present = [m for m in metrics if f"{m} mean" in table.columns]
     keys = [c for c in table.columns if c != "n" and not c.endswith((" mean", " std"))]
@@ -244,7 +245,8 @@ def ensemble_results(sweep_dir: Path) -> dict[str, Any] | None:
 
 
 def shared_overrides(sweep_dir: Path) -> list[str]:
-    """The command-line overrides every job of the sweep was given, in the first job's order and spelling."""
+    """The overrides every job of the sweep was given, as Hydra recorded them (.hydra/overrides.yaml), in the
+    first job's order."""
     listed = [yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or [] for job in job_folders(sweep_dir)]
     return [override for override in (listed[0] if listed else []) if all(override in job for job in listed[1:])]
 

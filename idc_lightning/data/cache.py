@@ -86,6 +86,7 @@ def read_rgb(path: Path | str, pad_value: int = PAD_VALUE) -> np.ndarray:
 
 
 def pad_patch(image: np.ndarray, patch_size: int = PATCH_SIZE, pad_value: int = PAD_VALUE) -> np.ndarray:
+    """A slide-edge patch (e.g. 50x35) grown to patch_size² at the bottom/right, where the slide's glass would be."""
     height, width = image.shape[:2]
     if height > patch_size or width > patch_size:
         raise PatchDecodeError(f"{width}x{height} px is larger than data.patch_size={patch_size}")
@@ -273,8 +274,8 @@ def build_cache(
 
 def _with_sizes(rows: pd.DataFrame, sizes: RowSizes) -> pd.DataFrame:
     """Each row's file height and width before padding (0 for a patch that did not decode)."""
-    height = np.zeros(len(rows), dtype=np.int16)
-    width = np.zeros(len(rows), dtype=np.int16)
+    height = np.zeros(len(rows), dtype=np.int32)
+    width = np.zeros(len(rows), dtype=np.int32)
     if sizes:
         positions, heights, widths = np.asarray(sizes, dtype=np.int64).T
         height[positions], width[positions] = heights, widths

@@ -249,13 +249,13 @@ def _parse_files(root: Path, listing: TreeListing) -> tuple[pd.DataFrame, Manife
                 {"path": rel_path, "reason": f"class{label} in the file name but stored in folder '{folder}'"}
             )
             continue
-        patient_folder = parents[-2] if folder in CLASS_FOLDERS and len(parents) > 1 else folder
+        patient_folder = parents[-2] if folder in CLASS_FOLDERS else folder
         if patient_folder != match["pid"]:
             in_other_folder.append((rel_path, match["pid"], patient_folder))
         rows.append((match["pid"], int(match["x"]), int(match["y"]), label, rel_path, size, mtime_ns))
-    report.misplaced = _misplaced(in_other_folder, {row[0] for row in rows})
     frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     frame = _copies_in_the_sibling_tree(_merge_duplicate_copies(frame, report), root)
+    report.misplaced = _misplaced(in_other_folder, frame)
     if frame.empty:
         problem = (f"no IDC patch files found under data.root ({report.files_seen} files seen, "
                    f"{len(report.ignored)} without a patch name, {len(report.skipped)} skipped")
@@ -270,13 +270,14 @@ def _parse_files(root: Path, listing: TreeListing) -> tuple[pd.DataFrame, Manife
     return frame, report
 
 
-def _misplaced(in_other_folder: list[tuple[str, str, str]], patient_ids: set[str]) -> list[dict[str, str]]:
-    """Patches in a folder named after another patient of the tree: the file name, which also carries the label,
-    decides, so a patch copied into the wrong folder still trains and is tested with its own slide. A folder that is
-    no patient's (a user's own layout) is not a misplacement."""
+def _misplaced(in_other_folder: list[tuple[str, str, str]], kept: pd.DataFrame) -> list[dict[str, str]]:
+    """Kept patches in a folder named after another patient of the tree: the file name, which also carries the
+    label, decides, so a patch copied into the wrong folder still trains and is tested with its own slide. A folder
+    that is no patient's (a user's own layout) is not a misplacement; a merged duplicate copy is not listed twice."""
+    patient_ids, kept_paths = set(kept["patient_id"]), set(kept["path"])
     return [{"path": path, "reason": f"patient {pid} in the file name, stored in patient {folder}'s folder: kept as "
                                      f"patient {pid}"}
-            for path, pid, folder in in_other_folder if folder in patient_ids]
+            for path, pid, folder in in_other_folder if folder in patient_ids and path in kept_paths]
 
 
 def _merge_duplicate_copies(frame: pd.DataFrame, report: ManifestReport) -> pd.DataFrame:

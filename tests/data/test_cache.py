@@ -76,11 +76,13 @@ def test_edge_patches_are_padded_counted_and_keep_their_size(tmp_path: Path,
     root = tmp_path / "root"
     tissue = np.full((50, 50, 3), 180, np.uint8)
     write(root / "9000/0/9000_idx5_x1_y1_class0.png", tissue)
+    (root / "9000/0/9000_idx5_x26_y1_class0.png").write_bytes(b"truncated")  # a dropped row between edge patches
     write(root / "9000/0/9000_idx5_x51_y1_class0.png", tissue[:35])
     write(root / "9000/0/9000_idx5_x101_y1_class0.png", tissue[:, :1])
     caplog.set_level(logging.INFO, logger="idc_lightning.data.cache")
     manifest, _ = scan_tree(root)
     cache = build_cache(manifest, root, tmp_path / "cache", workers=1)
+    assert list(cache.skipped.path) == ["9000/0/9000_idx5_x26_y1_class0.png"]
     sizes = cache.rows.set_index("x")[["height", "width"]]
     assert [sizes.loc[x].tolist() for x in (1, 51, 101)] == [[50, 50], [35, 50], [50, 1]]
     assert json.loads((cache.folder / "meta.json").read_text())["padded"] == 2

@@ -48,11 +48,14 @@ def test_junk_is_counted_and_class_mismatch_is_skipped_with_a_reason(tmp_path: P
 
 
 def test_a_patch_in_another_patients_folder_counts_for_its_own_patient_and_is_listed(tmp_path: Path) -> None:
-    write_patch(tmp_path, "9000", 1, 1, 0)
-    write_patch(tmp_path, "9001", 1, 1, 1)
-    moved = write_patch(tmp_path, "9001", 51, 1, 1)
-    (tmp_path / "9000" / "1").mkdir()
-    moved.rename(tmp_path / "9000" / "1" / moved.name)
+    for root in (tmp_path, tmp_path / "IDC_regular_ps50_idx5"):  # the zip's two trees: one patch, listed once
+        write_patch(root, "9000", 1, 1, 0)
+        write_patch(root, "9001", 1, 1, 1)
+        moved = write_patch(root, "9001", 51, 1, 1)
+        (root / "9000" / "1").mkdir()
+        moved.rename(root / "9000" / "1" / moved.name)
+    both_labels = write_patch(tmp_path, "9001", 101, 1, 1)
+    (tmp_path / "9000" / "0").joinpath("9001_idx5_x101_y1_class0.png").write_bytes(both_labels.read_bytes())
     write_patch(tmp_path / "mine", "9002", 1, 1, 0).rename(tmp_path / "mine" / "9002_idx5_x1_y1_class0.png")
     frame, report = scan_tree(tmp_path)
     assert frame.groupby("patient_id").size().to_dict() == {"9000": 1, "9001": 2, "9002": 1}
