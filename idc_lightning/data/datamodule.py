@@ -25,7 +25,8 @@ from idc_lightning.data.cache import IMAGES_FILE, PatchCache, build_cache
 from idc_lightning.data.datasets import PatchBatchDataset, PatchDataset, keep_batch
 from idc_lightning.data.device_augment import BatchAugment
 from idc_lightning.data.gpu_resident import ResidentBatches, fits_on_device
-from idc_lightning.data.manifest import UNLABELLED, ManifestReport, build_manifest, unused_files
+from idc_lightning.data.input_files import report_input_files
+from idc_lightning.data.manifest import UNLABELLED, ManifestReport, build_manifest
 from idc_lightning.data.splits import (
     SPLITS,
     SplitError,
@@ -50,8 +51,6 @@ from idc_lightning.preprocessing import (
 )
 
 SAMPLERS = ("random", "balanced", "patient")
-# In the run folder: every file under data.root that gave no patch, and why.
-UNUSED_FILES = "skipped_files.csv"
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +170,7 @@ class IDCDataModule(L.LightningDataModule):
         if self.cache is None:
             self.cache = self._build_cache()
             if self._is_global_zero():
-                self._report_unused_files()
+                report_input_files(self.report, self.cache.skipped, self.root, self.output_dir)
         if stage == "predict":
             # Every patch, labelled or not: new slides may carry no class in their names.
             self.frames["predict"] = self.cache.rows.reset_index(drop=True)
@@ -243,27 +242,6 @@ class IDCDataModule(L.LightningDataModule):
         for row in summary.itertuples():
             table.add_row(row.Index, f"{row.patients}", f"{row.patches:,}", f"{row.idc_pct:.1f}")
         Console().print(table)
-
-    def _report_unused_files(self) -> None:
-        """Every input file is used or listed: the run folder's skipped_files.csv names the others and why."""
-        if self.report is not None:
-            log.info("%s", self.report.summary())
-            if self.report.misplaced:
-                log.warning("Patches in another patient's folder count for the patient their file name gives: %d, "
-                            "e.g. %s (%s)", len(self.report.misplaced), self.report.misplaced[0]["path"],
-                            self.report.misplaced[0]["reason"])
-        unused = unused_files(self.report, self.cache.skipped)
-        if unused.empty:
-            return
-        kinds = ", ".join(f"{n} {kind}" for kind, n in unused["kind"].value_counts().items())
-        if self.output_dir is None:
-            log.warning("%d files under %s are not used (%s), e.g. %s", len(unused), self.root, kinds,
-                        "; ".join(f"{row.path}: {row.reason}" for row in unused.head(3).itertuples()))
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        unused.to_csv(self.output_dir / UNUSED_FILES, index=False)
-        log.warning("%d files under %s are not used (%s): listed with the reason in %s", len(unused), self.root,
-                    kinds, self.output_dir / UNUSED_FILES)
 
     def split_frame(self, split: str) -> pd.DataFrame:
         """Manifest rows (patient_id, x, y, label, path, cache_index) of one split, in loader order."""

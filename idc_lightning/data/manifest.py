@@ -66,21 +66,6 @@ class ManifestReport:
         )
 
 
-def unused_files(report: ManifestReport | None, undecodable: pd.DataFrame) -> pd.DataFrame:
-    """Files under data.root that no patch comes from: (path relative to the root, kind, reason)."""
-    ignored = report.ignored if report is not None else []
-    by_name = report.skipped if report is not None else []
-    unread = report.unread if report is not None else []
-    frames = [
-        pd.DataFrame({"path": ignored, "kind": "not a patch name",
-                      "reason": "the name is not <patient>_idx5_x<X>_y<Y>_class<0|1>.png"}),
-        pd.DataFrame(by_name, columns=["path", "reason"]).assign(kind="patch skipped by name"),
-        pd.DataFrame(unread, columns=["path", "reason"]).assign(kind="not read"),
-        undecodable[["path", "reason"]].assign(kind="undecodable patch"),
-    ]
-    return pd.concat(frames, ignore_index=True)[["path", "kind", "reason"]]
-
-
 def missing_data_message(root: Path, problem: str) -> str:
     return (
         f"{problem}: {root}\n"

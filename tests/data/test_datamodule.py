@@ -9,7 +9,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from idc_lightning.data.datamodule import UNUSED_FILES, IDCDataModule, sampling_weights
+from idc_lightning.data.datamodule import IDCDataModule, sampling_weights
+from idc_lightning.data.input_files import UNUSED_FILES
 from idc_lightning.data.splits import SplitError
 from idc_lightning.data.synthetic import TREE, SyntheticSlides
 
