@@ -196,7 +196,10 @@ def test_small_data_recipe_trains_from_random_init(make_cfg, tmp_path: Path) -> 
     assert cfg.data.augment_on == "device" and not cfg.model.pretrained and cfg.callbacks.early_stopping is None
     assert cfg.callbacks.swa.start_epoch == 2
     train(cfg)
-    state = torch.load(next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt")), weights_only=True)
+    checkpoint = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
+    state = torch.load(checkpoint, weights_only=True)
     assert {key: state["datamodule_hyper_parameters"][key] for key in ("augment_on", "sampler")} == {
         "augment_on": "device", "sampler": "patient"}
+    # The operating point of maximum F1, chosen on validation (docs/results.md), travels in the checkpoint.
+    assert read_checkpoint(checkpoint).operating_point.method == "f1"
     assert (tmp_path / "run" / "results.json").is_file()
